@@ -1,0 +1,75 @@
+# The two commands a newcomer needs:  `make serve`  and  `make test`.
+# Everything else here is what those two depend on, plus a few tools for contributors.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# Extra pip arguments for torch, e.g. TORCH_INDEX='--index-url https://download.pytorch.org/whl/cpu'
+# on machines where PyPI's default torch wheel is the multi-GB CUDA build.
+TORCH_INDEX ?=
+
+# Where each function's model comes from (see README, "Model sources") and where it is prepared.
+SENTIMENT_MODEL_SOURCE ?= recipe:functions/sentiment/recipe.py
+MODELS := models
+PORT ?= 8080
+
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: help serve test lint fmt model venv dev clean bench
+
+help:  ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(RUNTIME_STAMP): requirements/runtime.txt requirements/build.txt common/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, on its own: with no torch present, a dependency's unpinned torch could pull CUDA.
+	$(PIP) install --quiet $(TORCH_INDEX) "$$(grep -E '^torch==' requirements/runtime.txt)"
+	$(PIP) install --quiet -r requirements/runtime.txt
+	$(PIP) install --quiet --no-deps -r requirements/build.txt
+	$(PIP) install --quiet --no-deps -e common
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP) requirements/dev.txt
+	$(PIP) install --quiet -r requirements/dev.txt
+	touch $@
+
+venv: $(RUNTIME_STAMP)  ## Create .venv with the runtime and build dependencies.
+
+dev: $(DEV_STAMP)  ## Add the test and lint tools.
+
+model: $(RUNTIME_STAMP)  ## Prepare models/sentiment (trains once, then cached until its inputs change).
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.model_source \
+		--source "$(SENTIMENT_MODEL_SOURCE)" --dest $(MODELS)/sentiment
+
+serve: model  ## Serve the sentiment function on http://localhost:$(PORT) (gunicorn via functions-framework).
+	@echo "sentiment: http://localhost:$(PORT)/v1/analyze/sentiment  (Ctrl-C to stop)"
+	HF_HUB_OFFLINE=1 MODEL_DIR=$${MODEL_DIR:-$(MODELS)/sentiment} WORKERS=1 THREADS=$${THREADS:-8} \
+		exec $(VENV)/bin/functions-framework --target sentiment \
+		--source functions/sentiment/main.py --port $(PORT)
+
+test: $(DEV_STAMP) model  ## Run the whole test suite (unit, integration, HTTP, storage emulator).
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy on common/.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(DEV_STAMP)  ## Format the code with ruff.
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:  ## Remove the virtualenv and prepared models (downloads stay in ~/.cache/aifn).
+	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
+
+bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py).
+	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency.json

@@ -1,0 +1,134 @@
+"""Cold start and single-request latency of a function, measured over real HTTP.
+
+Starts ``functions-framework`` (gunicorn, as ``make serve`` does) and measures:
+
+* cold start: process start -> first successful prediction (model load and warm-up included);
+* single-request latency: N sequential requests, one client, for a short (~12 words) and a long
+  (~60 words) text and an 8-text batch; p50 / p90 / p99 as the client sees them.
+
+Usage: ``python bench/latency.py [--function sentiment] [--requests 200] [--json out.json]``.
+The machine is shared and noisy: compare figures from one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+PAYLOADS = {
+    "short text": {"text": "The support team answered quickly and solved my problem."},
+    "long text": {
+        "text": (
+            "I ordered the blender three weeks ago. Delivery was late, the box was damaged and "
+            "one blade was missing, but customer service sent a replacement within two days and "
+            "the new one works well; it crushes ice easily and is quieter than my old one, "
+            "although the lid is hard to clean."
+        )
+    },
+    "batch of 8": {
+        "texts": [f"Review {i}: the product was fine, nothing special." for i in range(8)]
+    },
+}
+ENDPOINTS = {"sentiment": "/v1/analyze/sentiment"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, payload: dict[str, object]) -> float:
+    data = json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}")
+    return time.perf_counter() - started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--function", default="sentiment", choices=sorted(ENDPOINTS))
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    model_dir = os.environ.get("MODEL_DIR", str(REPO / "models" / args.function))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}{ENDPOINTS[args.function]}"
+    env = {**os.environ, "MODEL_DIR": model_dir, "HF_HUB_OFFLINE": "1", "WORKERS": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "functions-framework"),
+            f"--target={args.function}",
+            f"--source={REPO / 'functions' / args.function / 'main.py'}",
+            f"--port={port}",
+            "--host=127.0.0.1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
+            try:
+                _post(url, PAYLOADS["short text"])
+                break
+            except OSError:
+                time.sleep(0.02)
+        cold = time.perf_counter() - started
+
+        results: dict[str, dict[str, float]] = {}
+        for name, payload in PAYLOADS.items():
+            for _ in range(5):
+                _post(url, payload)
+            samples = [_post(url, payload) for _ in range(args.requests)]
+            results[name] = {
+                "p50_ms": 1000 * statistics.median(samples),
+                "p90_ms": 1000 * _percentile(samples, 0.90),
+                "p99_ms": 1000 * _percentile(samples, 0.99),
+            }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+    cpus = len(os.sched_getaffinity(0))
+    machine = f"{platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
+    print(f"{args.function} on {machine}")
+    print(f"cold start (process start -> first prediction): {cold:.2f} s")
+    print("| request | p50 | p90 | p99 |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['p50_ms']:.1f} ms | {r['p90_ms']:.1f} ms | {r['p99_ms']:.1f} ms |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"machine": machine, "cold_start_s": cold, "latency": results}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

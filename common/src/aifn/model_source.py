@@ -1,0 +1,265 @@
+"""The model-source step: turn a source spec into a prepared model directory, at build time.
+
+A function never fetches a model while serving; this step runs before (``make model``, the
+container's model stage) and writes a standard Hugging Face directory plus ``aifn-model.json``
+saying where it came from. Sources::
+
+    recipe:functions/sentiment/recipe.py   train with a recipe file (see below)
+    gs://bucket/prefix                     download every object under the prefix
+    hf://org/name@revision                 a Hub snapshot at a pinned revision (needs Hub access)
+    /path/to/dir  (or file:///path)        copy a local model directory
+
+Each result is cached: when the source's fingerprint (the recipe's inputs, the objects' checksums,
+the Hub revision, the local files' hashes) matches the one recorded in ``aifn-model.json`` the
+step does nothing. The directory is built beside the destination and swapped in only once it
+passes :func:`aifn.model.check_model_dir`, so a failed or interrupted run never leaves a broken
+model behind.
+
+A recipe file defines ``NAME``, ``fingerprint() -> dict`` (everything its output depends on) and
+``build(dest: Path) -> dict`` (train into ``dest``, return the evaluation figures).
+
+Usage: ``python -m aifn.model_source --source SPEC --dest DIR [--force]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from aifn.errors import ConfigError
+from aifn.model import BUILD_INFO, check_model_dir
+
+log = logging.getLogger(__name__)
+
+_HF = re.compile(r"^hf://(?P<repo>[\w.-]+(?:/[\w.-]+)?)@(?P<revision>[\w./-]+)$")
+_HF_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed source spec."""
+
+    kind: str  # "recipe" | "gcs" | "hf" | "local"
+    spec: str
+    location: str  # recipe path, "bucket/prefix", "repo", or local path
+    revision: str | None = None
+
+
+def parse(spec: str) -> Source:
+    """Parse a source spec; raises :class:`ConfigError` with the accepted forms on a bad one."""
+    spec = spec.strip()
+    if spec.startswith("recipe:"):
+        path = spec.removeprefix("recipe:")
+        if not path.endswith(".py"):
+            raise ConfigError(f"recipe source must name a .py file: {spec!r}")
+        return Source("recipe", spec, path)
+    if spec.startswith("gs://"):
+        rest = spec.removeprefix("gs://").strip("/")
+        if not rest or ("/" not in rest and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}", rest)):
+            raise ConfigError(f"invalid gs:// source {spec!r}; expected gs://bucket/prefix")
+        return Source("gcs", spec, rest)
+    if spec.startswith("hf://"):
+        m = _HF.match(spec)
+        if not m:
+            raise ConfigError(
+                f"invalid Hub source {spec!r}; expected hf://org/name@revision with a pinned "
+                "revision (a commit sha), so builds are reproducible"
+            )
+        return Source("hf", spec, m.group("repo"), m.group("revision"))
+    path = spec.removeprefix("file://")
+    if not path:
+        raise ConfigError("empty model source")
+    return Source("local", spec, path)
+
+
+def _load_recipe(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    # The recipe's own folder goes first on the path, as when running it as a script.
+    sys.path.insert(0, str(path.parent.resolve()))
+    module_spec = importlib.util.spec_from_file_location(f"aifn_recipe_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot import recipe {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    for attr in ("NAME", "fingerprint", "build"):
+        if not hasattr(module, attr):
+            raise ConfigError(f"recipe {path} does not define {attr}")
+    return module
+
+
+def _gcs_split(location: str) -> tuple[str, str]:
+    bucket, _, prefix = location.partition("/")
+    return bucket, (prefix.rstrip("/") + "/") if prefix else ""
+
+
+def _gcs_blobs(location: str) -> list[Any]:
+    from google.cloud import storage
+
+    bucket, prefix = _gcs_split(location)
+    blobs = [
+        b for b in storage.Client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")
+    ]
+    if not blobs:
+        raise ConfigError(f"no objects under gs://{bucket}/{prefix}")
+    return blobs
+
+
+def _tree_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != BUILD_INFO):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
+    """(name, fingerprint) of a source, without fetching or building anything."""
+    if source.kind == "recipe":
+        recipe = _load_recipe(Path(source.location))
+        return str(recipe.NAME), {"kind": "recipe", **recipe.fingerprint()}
+    if source.kind == "gcs":
+        _, prefix = _gcs_split(source.location)
+        objects = sorted(
+            (b.name.removeprefix(prefix), b.crc32c or b.md5_hash or "", b.size or 0)
+            for b in _gcs_blobs(source.location)
+        )
+        return f"gs://{source.location}", {"kind": "gcs", "objects": objects}
+    if source.kind == "hf":
+        return source.location, {"kind": "hf", "repo": source.location, "revision": source.revision}
+    path = Path(source.location).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"local model source {path} is not a directory")
+    return path.resolve().name, {"kind": "local", "sha256": _tree_hash(path)}
+
+
+def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
+    """Materialise the source into the empty directory ``tmp``; return figures to record."""
+    if source.kind == "recipe":
+        recipe = _load_recipe(Path(source.location))
+        return dict(recipe.build(tmp))
+    if source.kind == "gcs":
+        bucket, prefix = _gcs_split(source.location)
+        for blob in _gcs_blobs(source.location):
+            rel = blob.name.removeprefix(prefix)
+            target = (tmp / rel).resolve()
+            if not target.is_relative_to(tmp.resolve()):
+                raise ConfigError(f"object name escapes the model directory: {blob.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(str(target))
+            log.info("downloaded gs://%s/%s (%s bytes)", bucket, blob.name, blob.size)
+        return {}
+    if source.kind == "hf":
+        from huggingface_hub import snapshot_download
+
+        if not _HF_COMMIT.match(source.revision or ""):
+            log.warning(
+                "Hub revision %r is not a commit sha; a branch or tag can move under you",
+                source.revision,
+            )
+        snapshot_download(
+            repo_id=source.location,
+            revision=source.revision,
+            local_dir=tmp,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model", "README.md"],
+        )
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        return {}
+    shutil.copytree(Path(source.location).expanduser(), tmp, dirs_exist_ok=True)
+    (tmp / BUILD_INFO).unlink(missing_ok=True)
+    return {}
+
+
+def read_info(dest: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((dest / BUILD_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def prepare(spec: str, dest: Path, *, force: bool = False) -> dict[str, Any]:
+    """Make ``dest`` hold the model ``spec`` describes, reusing it when nothing changed.
+
+    Returns:
+        The ``aifn-model.json`` record, with ``"cached": True`` when nothing was rebuilt.
+    """
+    source = parse(spec)
+    name, fp = fingerprint(source)
+    fp = json.loads(json.dumps(fp))  # compare as it is stored: tuples become lists in JSON
+    current = read_info(dest)
+    if not force and current is not None and current.get("fingerprint") == fp:
+        try:
+            check_model_dir(dest)
+        except ConfigError as exc:
+            log.warning("cached model is unusable, rebuilding: %s", exc)
+        else:
+            return {**current, "cached": True}
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.perf_counter()
+    try:
+        metrics = _fetch(source, tmp)
+        check_model_dir(tmp)
+        info = {
+            "name": name,
+            "source": spec,
+            "fingerprint": fp,
+            "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "prepare_seconds": round(time.perf_counter() - started, 1),
+            "metrics": metrics,
+        }
+        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**info, "cached": False}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aifn.model_source", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--source", required=True, help="recipe:FILE.py, gs://, hf://, or a dir")
+    parser.add_argument("--dest", required=True, type=Path, help="model directory to prepare")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        info = prepare(args.source, args.dest, force=args.force)
+    except ConfigError as exc:
+        print(f"model source: {exc}", file=sys.stderr)
+        return 2
+    verb = "up to date (cached)" if info["cached"] else f"prepared in {info['prepare_seconds']} s"
+    print(f"{args.dest}: {info['name']} from {info['source']}: {verb}")
+    for key, value in info.get("metrics", {}).items():
+        if not isinstance(value, dict):
+            print(f"  {key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The OpenAPI 3.1 document each function serves at ``GET /openapi.json``.
+
+Shared pieces (the error body, model identity, a ranked result, the text/texts request) are
+components here; a capability adds its own request and response schemas when it registers an
+endpoint. The document is built from the registered endpoints, so it cannot list a route the
+function does not serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aifn.errors import ERROR_TYPES, ApiError
+
+OPENAPI_VERSION = "3.1.0"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+COMPONENTS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message", "status"],
+                "properties": {
+                    "type": {"type": "string", "enum": sorted({e.type for e in ERROR_TYPES})},
+                    "message": {"type": "string"},
+                    "status": {"type": "integer"},
+                },
+            }
+        },
+    },
+    "ModelIdentity": {
+        "type": "object",
+        "required": ["name", "revision"],
+        "properties": {
+            "name": {"type": "string"},
+            "revision": {
+                "type": "string",
+                "description": "SHA-256 of the model's files (first 16 hex digits).",
+            },
+        },
+    },
+    "LabelScore": {
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {
+            "label": {"type": "string"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    },
+    "Result": {
+        "type": "object",
+        "required": ["label", "score", "labels", "truncated"],
+        "properties": {
+            "label": {"type": "string", "description": "The top label."},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "labels": {
+                "type": "array",
+                "items": ref("LabelScore"),
+                "description": "Every label with its score, highest first.",
+            },
+            "truncated": {
+                "type": "boolean",
+                "description": "The text was longer than MAX_TOKENS and only its start was read.",
+            },
+        },
+    },
+    "TextsRequest": {
+        "type": "object",
+        "description": "Exactly one of `text` or `texts`.",
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["text"],
+                "additionalProperties": False,
+                "properties": {"text": {"type": "string", "minLength": 1}},
+            },
+            {
+                "type": "object",
+                "required": ["texts"],
+                "additionalProperties": False,
+                "properties": {
+                    "texts": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "string", "minLength": 1},
+                    }
+                },
+            },
+        ],
+    },
+    "PredictionResponse": {
+        "type": "object",
+        "required": ["model", "results"],
+        "properties": {
+            "model": ref("ModelIdentity"),
+            "results": {
+                "type": "array",
+                "items": ref("Result"),
+                "description": "One result per input text, in input order.",
+            },
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "function", "model"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok"]},
+            "function": {"type": "string"},
+            "model": ref("ModelIdentity"),
+            "labels": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What the document says about one method on one path."""
+
+    method: str
+    path: str
+    summary: str
+    response_schema: dict[str, Any]
+    request_schema: dict[str, Any] | None = None
+    request_example: Any = None
+    errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
+
+
+def document(
+    *, title: str, version: str, description: str, operations: Iterable[Operation]
+) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "Success.",
+                "content": {"application/json": {"schema": op.response_schema}},
+            }
+        }
+        for status in sorted({e.status for e in op.errors}):
+            types = ", ".join(f"`{e.type}`" for e in op.errors if e.status == status)
+            responses[str(status)] = {
+                "description": f"Error: {types}.",
+                "content": {"application/json": {"schema": ref("Error")}},
+            }
+        entry: dict[str, Any] = {
+            "summary": op.summary,
+            "operationId": f"{op.method.lower()}_{op.path.strip('/').replace('/', '_')}",
+            "responses": responses,
+        }
+        if op.request_schema is not None:
+            media: dict[str, Any] = {"schema": op.request_schema}
+            if op.request_example is not None:
+                media["example"] = op.request_example
+            entry["requestBody"] = {"required": True, "content": {"application/json": media}}
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": version, "description": description},
+        "paths": paths,
+        "components": {"schemas": COMPONENTS},
+    }

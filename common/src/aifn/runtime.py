@@ -1,0 +1,47 @@
+"""Process start-up for a function: settings, logs, model, service — in that order.
+
+Called from a function's ``main.py`` at import time, which functions-framework does before it
+opens the port; so a function either serves a warmed-up model or exits with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import flask
+
+from aifn import logs
+from aifn.errors import ConfigError
+from aifn.model import TextClassifier
+from aifn.service import Service
+from aifn.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def start(function: str, *, default_model_dir: Path, description: str) -> Service:
+    """Read settings, configure logs, load and warm up the model, and build the service.
+
+    Raises:
+        SystemExit: A setting or the model directory is unusable (after logging why).
+    """
+    try:
+        settings = Settings.from_env(default_model_dir=default_model_dir)
+    except ConfigError as exc:
+        raise SystemExit(f"{function}: configuration error: {exc}") from None
+    logs.configure(settings.log_level, settings.google_cloud_project)
+    try:
+        model = TextClassifier.load(
+            settings.model_dir,
+            max_tokens=settings.max_tokens,
+            batch_size=settings.inference_batch_size,
+            threads=settings.torch_threads,
+        )
+    except ConfigError as exc:
+        log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})
+        raise SystemExit(f"{function}: cannot start: {exc}") from None
+    service = Service(function=function, settings=settings, model=model, description=description)
+    if flask.has_app_context():
+        service.attach(flask.current_app)
+    return service

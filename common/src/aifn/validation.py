@@ -1,0 +1,149 @@
+"""Turning an HTTP request into validated Python values, or a precise 4xx.
+
+The HTTP layer calls :func:`read_json` then a capability-specific parser built from the helpers
+here. Nothing in this module touches the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Request
+
+from aifn.errors import (
+    InvalidJson,
+    InvalidRequest,
+    PayloadTooLarge,
+    TooManyTexts,
+    UnsupportedMediaType,
+)
+
+
+def read_json(request: Request, *, max_bytes: int) -> Any:
+    """Read and decode a JSON body, enforcing type, size and encoding.
+
+    The size is checked against ``Content-Length`` before reading, and the stream is read at most
+    ``max_bytes + 1`` bytes, so a chunked upload cannot exhaust memory either.
+    """
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    ):
+        shown = request.content_type or "none"
+        raise UnsupportedMediaType(f"expected Content-Type: application/json, got {shown}")
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in {"utf-8", "utf8"}:
+        raise UnsupportedMediaType(f"the body must be UTF-8, not {charset}")
+    if request.content_length is not None and request.content_length > max_bytes:
+        _skip_rest_of_body(request)
+        raise PayloadTooLarge(
+            f"body is {request.content_length} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)"
+        )
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        _skip_rest_of_body(request)
+        raise PayloadTooLarge(f"body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
+    request._cached_data = raw  # see _skip_rest_of_body
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJson(f"body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InvalidJson("body is empty; send a JSON object")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise InvalidJson("body is not valid JSON: nested too deeply") from None
+
+
+def _skip_rest_of_body(request: Request) -> None:
+    """Keep an over-size body out of memory.
+
+    functions-framework reads the whole body after every response (``request.get_data()`` in an
+    ``after_request`` hook); werkzeug returns ``_cached_data`` instead when it is set. The server
+    (gunicorn) then discards the unread bytes in small reads before the next request.
+    """
+    request._cached_data = b""
+
+
+def require_object(body: Any, *, allowed: Collection[str]) -> Mapping[str, Any]:
+    """The body must be a JSON object whose keys are all in ``allowed``."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the body must be a JSON object, not {json_type(body)}")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    return body
+
+
+@dataclass(frozen=True)
+class Texts:
+    """The texts of a request, and whether they came as a single ``text``."""
+
+    texts: list[str]
+    single: bool
+
+
+def parse_texts(body: Mapping[str, Any], *, max_texts: int) -> Texts:
+    """Exactly one of ``text`` (a string) or ``texts`` (a non-empty list of strings)."""
+    has_text, has_texts = "text" in body, "texts" in body
+    if has_text == has_texts:
+        raise InvalidRequest(
+            "send exactly one of 'text' (a string) or 'texts' (a list of strings)"
+            if not has_text
+            else "send 'text' or 'texts', not both"
+        )
+    if has_text:
+        return Texts([_text(body["text"], "text")], single=True)
+    texts = body["texts"]
+    if not isinstance(texts, list):
+        raise InvalidRequest(f"'texts' must be a list of strings, not {json_type(texts)}")
+    if not texts:
+        raise InvalidRequest("'texts' is empty; send at least one text")
+    if len(texts) > max_texts:
+        raise TooManyTexts(
+            f"{len(texts)} texts in one request; the limit is {max_texts} (MAX_BATCH_TEXTS)"
+        )
+    return Texts([_text(t, f"texts[{i}]") for i, t in enumerate(texts)], single=False)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{where}' must be a string, not {json_type(value)}")
+    if not value.strip():
+        raise InvalidRequest(f"'{where}' is empty or only whitespace")
+    if "\x00" in value:
+        raise InvalidRequest(f"'{where}' contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can spell a lone surrogate ("\\ud800") that no UTF-8 text contains.
+        raise InvalidRequest(f"'{where}' contains an unpaired surrogate escape") from None
+    return value
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

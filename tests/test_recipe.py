@@ -1,0 +1,146 @@
+"""The sentiment recipe: labels, split, a short smoke training run, and the full model's figures.
+
+The smoke run (`SMOKE`, 96 examples) exercises the whole recipe code path in seconds; its
+accuracy means nothing. The acceptance figures are checked on the full model that `make model`
+built (CI builds it from scratch on every run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from aifn import training
+from aifn.model import BUILD_INFO, TextClassifier
+
+from .conftest import REPO
+
+RECIPE_PATH = REPO / "functions" / "sentiment" / "recipe.py"
+
+
+def _load_recipe() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sentiment_recipe_under_test", RECIPE_PATH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _load_recipe()
+SMOKE = dataclasses.replace(recipe.CONFIG, max_train_examples=96, batch_size=16, epochs=1)
+
+
+@pytest.mark.parametrize(
+    ("rating", "label"),
+    [
+        (-4, "NEGATIVE"),
+        (-0.5, "NEGATIVE"),
+        (-0.49, "NEUTRAL"),
+        (0.0, "NEUTRAL"),
+        (0.49, "NEUTRAL"),
+        (0.5, "POSITIVE"),
+        (3.2, "POSITIVE"),
+    ],
+)
+def test_neutral_band(rating: float, label: str) -> None:
+    assert recipe.label_for(rating) == label
+
+
+@pytest.fixture(scope="module")
+def ratings() -> list:
+    return recipe.load_ratings(recipe.fetch_sdist())
+
+
+def test_data_is_the_four_vader_sources(ratings: list) -> None:
+    counts = {s: sum(r.source == s for r in ratings) for s in recipe.SOURCES}
+    assert counts == {"movie": 10605, "tweet": 4200, "amazon": 3708, "nyt": 5190}
+    assert all(-4 <= r.rating <= 4 for r in ratings)
+
+
+def test_held_out_split_is_disjoint_stable_and_about_ten_percent(ratings: list) -> None:
+    held = {(r.source, r.id) for r in ratings if r.held_out}
+    assert 0.08 < len(held) / len(ratings) < 0.12
+    again = {(r.source, r.id) for r in recipe.load_ratings(recipe.fetch_sdist()) if r.held_out}
+    assert held == again
+    # Every source is represented in the held-out set.
+    assert {s for s, _ in held} == set(recipe.SOURCES)
+
+
+def test_fingerprint_tracks_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = recipe.fingerprint()
+    assert before == recipe.fingerprint()
+    monkeypatch.setattr(recipe, "CONFIG", dataclasses.replace(recipe.CONFIG, learning_rate=1e-5))
+    assert recipe.fingerprint() != before
+
+
+def test_length_grouped_batches_cover_every_example_once() -> None:
+    import random
+
+    lengths = [random.Random(1).randint(3, 90) for _ in range(1000)]
+    batches = training._length_grouped_batches(lengths, 32, random.Random(7))
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert all(len(b) <= 32 for b in batches)
+    # Grouping really reduces padding compared with random batches.
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.3 * sum(lengths)
+
+
+def test_macro_f1() -> None:
+    assert training.macro_f1(["a", "b"], ["a", "b"], ["a", "b"]) == 1.0
+    assert training.macro_f1(
+        ["a", "a", "b", "b"], ["a", "a", "a", "a"], ["a", "b"]
+    ) == pytest.approx((2 * 2 / (2 * 2 + 2) + 0.0) / 2)
+
+
+@pytest.mark.integration
+def test_smoke_training_run_writes_a_standard_model_directory(tmp_path: Path) -> None:
+    dest = tmp_path / "smoke"
+    metrics = recipe.build(dest, config=SMOKE)
+    config = json.loads((dest / "config.json").read_text())
+    assert config["id2label"] == {"0": "NEGATIVE", "1": "NEUTRAL", "2": "POSITIVE"}
+    assert (dest / "model.safetensors").stat().st_size > 10_000_000
+    assert (dest / "tokenizer.json").is_file()
+    card = (dest / "README.md").read_text()
+    assert "Smoke build" in card
+    for needle in ("Hutto", "MIT", "Apache-2.0"):
+        assert needle in card
+    assert metrics["train_examples"] == 96
+    assert 0 <= metrics["movie_polar_accuracy"] <= 1
+    model = TextClassifier.load(dest, max_tokens=32, batch_size=4, threads=1)
+    assert model.labels == ["NEGATIVE", "NEUTRAL", "POSITIVE"]
+    assert len(model.predict(["fine", "bad"])) == 2
+
+
+@pytest.mark.integration
+def test_smoke_training_is_deterministic(tmp_path: Path) -> None:
+    a = recipe.build(tmp_path / "a", config=SMOKE)
+    b = recipe.build(tmp_path / "b", config=SMOKE)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    assert a["macro_f1"] == b["macro_f1"]
+
+
+@pytest.mark.integration
+def test_full_model_meets_the_acceptance_figures(sentiment_model_dir: Path) -> None:
+    info = json.loads((sentiment_model_dir / BUILD_INFO).read_text())
+    if not info["source"].startswith("recipe:"):
+        pytest.fail(f"models/sentiment came from {info['source']}, not the recipe")
+    # The model on disk is what the current recipe produces (the cache key is up to date).
+    assert info["fingerprint"] == {"kind": "recipe", **recipe.fingerprint()}
+    m = info["metrics"]
+    assert m["train_examples"] > 20_000
+    assert m["movie_polar_accuracy"] >= recipe.MOVIE_BAR
+    assert m["movie_polar_n"] > 800
+    assert 0.5 < m["macro_f1"] <= 1.0
+    assert m["train_seconds"] <= 600
+    card = (sentiment_model_dir / "README.md").read_text()
+    assert f"**{m['movie_polar_accuracy']:.3f}**" in card
+    assert f"**{m['macro_f1']:.3f}**" in card

@@ -1,0 +1,217 @@
+"""End to end: a real ``functions-framework`` process (gunicorn), spoken to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import REPO, VENV_BIN, free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PRIVATE_TEXT = "my private note about the quarterly numbers, which are wonderful"
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read()), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read()), dict(err.headers)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text(encoding="utf-8").splitlines():
+            if raw.startswith("{"):
+                lines.append(json.loads(raw))
+        return lines
+
+
+def start_server(model_dir: Path, tmp: Path, **env: str) -> Server:
+    port = free_port()
+    log_path = tmp / "server.log"
+    environ = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+        "HF_HUB_OFFLINE": "1",
+        "WORKERS": "1",
+        "THREADS": "8",
+        **env,
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "functions-framework"),
+                "--target=sentiment",
+                f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
+                f"--port={port}",
+                "--host=127.0.0.1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+        )
+    try:
+        wait_for_port(port, proc, timeout=120)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return Server(proc, port, log_path)
+
+
+@pytest.fixture(scope="module")
+def server(sentiment_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(sentiment_model_dir, tmp_path_factory.mktemp("server"))
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+def test_health_is_ready_as_soon_as_the_port_opens(server: Server) -> None:
+    # The model loads and warms up before functions-framework binds the port.
+    status, body, _ = server.request("GET", "/v1/health")
+    assert status == 200
+    assert body["status"] == "ok"
+
+
+def test_predicts_over_http(server: Server) -> None:
+    status, body, headers = server.request(
+        "POST",
+        "/v1/analyze/sentiment",
+        {"texts": ["I love it, brilliant!", "Dreadful, I want a refund."]},
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert [r["label"] for r in body["results"]] == ["POSITIVE", "NEGATIVE"]
+
+
+def test_logs_are_structured_with_trace_and_without_text(server: Server) -> None:
+    status, _, _ = server.request(
+        "POST",
+        "/v1/analyze/sentiment",
+        {"text": PRIVATE_TEXT},
+        headers={"traceparent": f"00-{TRACE_ID}-b7ad6b7169203331-01"},
+    )
+    assert status == 200
+    status, _, _ = server.request(
+        "POST",
+        "/v1/analyze/sentiment",
+        {"texts": []},
+        headers={"X-Cloud-Trace-Context": f"{TRACE_ID.upper()}/1;o=1"},
+    )
+    assert status == 422
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        traced = [
+            line
+            for line in server.log_lines()
+            if line.get("logging.googleapis.com/trace")
+            == f"projects/test-project/traces/{TRACE_ID}"
+        ]
+        if len(traced) >= 2:
+            break
+        time.sleep(0.1)
+    ok, bad = traced[0], traced[1]
+    assert ok["severity"] == "INFO"
+    assert ok["httpRequest"]["status"] == 200
+    assert ok["httpRequest"]["requestMethod"] == "POST"
+    assert ok["httpRequest"]["latency"].endswith("s")
+    assert ok["logging.googleapis.com/spanId"] == "b7ad6b7169203331"
+    assert bad["httpRequest"]["status"] == 422
+    assert bad["error_type"] == "invalid_request"
+    assert PRIVATE_TEXT not in server.log_path.read_text(encoding="utf-8")
+
+
+def test_sigterm_finishes_in_flight_work_and_exits(
+    sentiment_model_dir: Path, tmp_path: Path
+) -> None:
+    srv = start_server(sentiment_model_dir, tmp_path)
+    try:
+        assert srv.request("GET", "/v1/health")[0] == 200
+        # Enough work that the requests are still running when the signal arrives.
+        batch = {"texts": [f"Review {i}: " + "the plot was fine but slow. " * 30 for i in range(8)]}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(srv.request, "POST", "/v1/analyze/sentiment", batch) for _ in range(4)
+            ]
+            time.sleep(0.5)
+            assert not all(f.done() for f in futures), "requests finished before SIGTERM"
+            srv.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            statuses = [f.result(timeout=30)[0] for f in futures]
+        code = srv.proc.wait(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+    assert statuses == [200] * 4
+    assert code == 0
+    # Cloud Run sends SIGKILL 10 s after SIGTERM.
+    assert elapsed < 10
+
+
+def test_a_missing_model_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "functions-framework"),
+            "--target=sentiment",
+            f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
+            f"--port={port}",
+        ],
+        env={**os.environ, "MODEL_DIR": str(tmp_path / "nothing-here")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr + result.stdout
+    assert "make model" in result.stderr + result.stdout
+
+
+def test_an_invalid_setting_stops_startup(sentiment_model_dir: Path) -> None:
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "functions-framework"),
+            "--target=sentiment",
+            f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
+        ],
+        env={**os.environ, "MODEL_DIR": str(sentiment_model_dir), "MAX_BATCH_TEXTS": "zero"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "MAX_BATCH_TEXTS='zero' is invalid" in result.stderr

@@ -1,0 +1,103 @@
+"""Unit tests: settings from the environment, and the README's tables kept in sync with the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aifn.errors import ERROR_TYPES, ConfigError, errors_table
+from aifn.settings import Settings, documented_settings, settings_table
+
+from .conftest import REPO
+
+DEFAULT_DIR = Path("/models/x")
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ={})
+    assert s.model_dir == DEFAULT_DIR
+    assert s.max_body_bytes == 1_048_576
+    assert s.max_batch_texts == 64
+    assert s.max_tokens == 256
+    assert s.torch_threads >= 1
+    assert s.log_request_text is False
+    assert s.google_cloud_project is None
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "MODEL_DIR": "/srv/model",
+        "MAX_BODY_BYTES": "2048",
+        "MAX_BATCH_TEXTS": "8",
+        "MAX_TOKENS": "64",
+        "INFERENCE_BATCH_SIZE": "4",
+        "TORCH_THREADS": "3",
+        "LOG_LEVEL": "debug",
+        "LOG_REQUEST_TEXT": "true",
+        "GOOGLE_CLOUD_PROJECT": "my-proj",
+    }
+    s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ=env)
+    assert s == Settings(
+        model_dir=Path("/srv/model"),
+        max_body_bytes=2048,
+        max_batch_texts=8,
+        max_tokens=64,
+        inference_batch_size=4,
+        torch_threads=3,
+        log_level="DEBUG",
+        log_request_text=True,
+        google_cloud_project="my-proj",
+    )
+    # Every documented variable appears in this test, so a new knob cannot go untested.
+    assert {var for var, _, _ in documented_settings()} == set(env)
+
+
+def test_empty_values_mean_default() -> None:
+    s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ={"MAX_BATCH_TEXTS": ""})
+    assert s.max_batch_texts == 64
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("MAX_BATCH_TEXTS", "0"),
+        ("MAX_BATCH_TEXTS", "many"),
+        ("MAX_BODY_BYTES", "-1"),
+        ("MAX_TOKENS", "4"),
+        ("LOG_LEVEL", "LOUD"),
+        ("LOG_REQUEST_TEXT", "maybe"),
+        ("TORCH_THREADS", "1.5"),
+    ],
+)
+def test_invalid_values_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{var}={value!r} is invalid"):
+        Settings.from_env(default_model_dir=DEFAULT_DIR, environ={var: value})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ={})
+    with pytest.raises(AttributeError):
+        s.max_tokens = 3  # type: ignore[misc]
+
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_configuration_table_matches_the_code() -> None:
+    assert settings_table() in README, (
+        "README's configuration table is stale: paste settings_table()"
+    )
+
+
+def test_readme_error_table_matches_the_code() -> None:
+    assert errors_table() in README, "README's error table is stale: paste errors_table()"
+
+
+def test_error_types_are_unique_and_client_errors_are_4xx() -> None:
+    types = [e.type for e in ERROR_TYPES]
+    assert len(types) == len(set(types))
+    for e in ERROR_TYPES:
+        assert re.fullmatch(r"[a-z_]+", e.type)
+        assert 400 <= e.status < 600
