@@ -8,14 +8,12 @@ built (CI builds it from scratch on every run).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from aifn import training
+from aifn import model_source, training
 from aifn.model import BUILD_INFO, TextClassifier
 
 from .conftest import REPO
@@ -23,16 +21,7 @@ from .conftest import REPO
 RECIPE_PATH = REPO / "functions" / "sentiment" / "recipe.py"
 
 
-def _load_recipe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sentiment_recipe_under_test", RECIPE_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = _load_recipe()
+recipe = model_source.load_recipe(RECIPE_PATH)
 SMOKE = dataclasses.replace(recipe.CONFIG, max_train_examples=96, batch_size=16, epochs=1)
 
 

@@ -114,6 +114,30 @@ def test_predicts_over_http(server: Server) -> None:
     assert [r["label"] for r in body["results"]] == ["POSITIVE", "NEGATIVE"]
 
 
+def test_concurrent_requests_all_succeed_and_match_sequential_answers(server: Server) -> None:
+    # gunicorn serves these on several threads at once; the model and tokenizer must cope.
+    texts = [
+        "Absolutely brilliant, I am delighted.",
+        "This is the worst service I have ever had.",
+        "Very happy with the quick delivery!",
+        "Awful quality, it fell apart immediately.",
+    ]
+    expected = {t: server.request("POST", "/v1/analyze/sentiment", {"text": t})[1] for t in texts}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda t: (t, server.request("POST", "/v1/analyze/sentiment", {"text": t})),
+                texts * 6,
+            )
+        )
+    for text, (status, body, _) in answers:
+        assert status == 200
+        assert body["results"][0]["label"] == expected[text]["results"][0]["label"]
+        assert body["results"][0]["score"] == pytest.approx(
+            expected[text]["results"][0]["score"], abs=1e-5
+        )
+
+
 def test_logs_are_structured_with_trace_and_without_text(server: Server) -> None:
     status, _, _ = server.request(
         "POST",

@@ -212,43 +212,54 @@ class TextClassifier:
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Classify every text; results are in input order."""
-        import torch
-
         results: list[Prediction | None] = [None] * len(texts)
         # Sorting by length before chunking keeps padding (wasted compute) small.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            enc = self._tokenizer(
-                [texts[i] for i in idx],
-                truncation=True,
-                max_length=self.max_tokens,
-                return_overflowing_tokens=True,
-                padding=True,
-                return_tensors="pt",
-            )
-            # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
-            # only each text's first row is classified.
-            mapping = enc.pop("overflow_to_sample_mapping").tolist()
-            first_rows: list[int] = []
-            truncated = [False] * len(idx)
-            seen: set[int] = set()
-            for row, sample in enumerate(mapping):
-                if sample in seen:
-                    truncated[sample] = True
-                else:
-                    seen.add(sample)
-                    first_rows.append(row)
-            inputs = {k: v[first_rows] for k, v in enc.items()}
-            if self._tokenizer.padding_side == "right":
-                # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
-                width = int(inputs["attention_mask"].sum(dim=1).max())
-                inputs = {k: v[:, :width] for k, v in inputs.items()}
-            with self._lock, torch.inference_mode():
-                probs = torch.softmax(self._model(**inputs).logits.float(), dim=-1).tolist()
+            with self._lock:
+                probs, truncated = self._run([texts[i] for i in idx])
             for pos, i in enumerate(idx):
                 ranked = sorted(
                     zip(self.labels, probs[pos], strict=True), key=lambda p: p[1], reverse=True
                 )
                 results[i] = Prediction(labels=ranked, truncated=truncated[pos])
         return [r for r in results if r is not None]
+
+    def _run(self, texts: list[str]) -> tuple[list[list[float]], list[bool]]:
+        """Tokenize and classify one chunk; the caller holds the lock.
+
+        The fast tokenizer is not safe to call from several threads at once (truncation and
+        padding settings live in shared Rust state: "Already borrowed"), so tokenization runs
+        under the same lock as the forward pass.
+        """
+        import torch
+
+        enc = self._tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_overflowing_tokens=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
+        # only each text's first row is classified.
+        mapping = enc.pop("overflow_to_sample_mapping").tolist()
+        first_rows: list[int] = []
+        truncated = [False] * len(texts)
+        seen: set[int] = set()
+        for row, sample in enumerate(mapping):
+            if sample in seen:
+                truncated[sample] = True
+            else:
+                seen.add(sample)
+                first_rows.append(row)
+        inputs = {k: v[first_rows] for k, v in enc.items()}
+        if self._tokenizer.padding_side == "right":
+            # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
+            width = int(inputs["attention_mask"].sum(dim=1).max())
+            inputs = {k: v[:, :width] for k, v in inputs.items()}
+        with torch.inference_mode():
+            probs = torch.softmax(self._model(**inputs).logits.float(), dim=-1).tolist()
+        return probs, truncated

@@ -85,7 +85,8 @@ def parse(spec: str) -> Source:
     return Source("local", spec, path)
 
 
-def _load_recipe(path: Path) -> ModuleType:
+def load_recipe(path: Path) -> ModuleType:
+    """Import a recipe file (see the module docstring) and check it defines what is needed."""
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     # The recipe's own folder goes first on the path, as when running it as a script.
@@ -94,6 +95,8 @@ def _load_recipe(path: Path) -> ModuleType:
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"cannot import recipe {path}")
     module = importlib.util.module_from_spec(module_spec)
+    # Registered before it runs, as a normal import would be (dataclasses look themselves up).
+    sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     for attr in ("NAME", "fingerprint", "build"):
         if not hasattr(module, attr):
@@ -131,7 +134,7 @@ def _tree_hash(path: Path) -> str:
 def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
     """(name, fingerprint) of a source, without fetching or building anything."""
     if source.kind == "recipe":
-        recipe = _load_recipe(Path(source.location))
+        recipe = load_recipe(Path(source.location))
         return str(recipe.NAME), {"kind": "recipe", **recipe.fingerprint()}
     if source.kind == "gcs":
         _, prefix = _gcs_split(source.location)
@@ -151,7 +154,7 @@ def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
 def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
     """Materialise the source into the empty directory ``tmp``; return figures to record."""
     if source.kind == "recipe":
-        recipe = _load_recipe(Path(source.location))
+        recipe = load_recipe(Path(source.location))
         return dict(recipe.build(tmp))
     if source.kind == "gcs":
         bucket, prefix = _gcs_split(source.location)

@@ -25,10 +25,15 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled training or evaluation text."""
+    """One labelled training or evaluation text.
+
+    ``soft`` optionally gives a probability for each label (same order as the model's labels),
+    for data whose labels are themselves uncertain, such as the mean of several raters.
+    """
 
     text: str
     label: str
+    soft: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,14 @@ def fine_tune(
     encoded = tokenizer(
         [ex.text for ex in examples], truncation=True, max_length=config.max_length
     )["input_ids"]
-    targets = [label2id[ex.label] for ex in examples]
+    targets = torch.tensor(
+        [
+            ex.soft
+            if ex.soft is not None
+            else [float(j == label2id[ex.label]) for j in label2id.values()]
+            for ex in examples
+        ]
+    )
     lengths = [len(ids) for ids in encoded]
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -178,18 +190,15 @@ def fine_tune(
                 for row, i in enumerate(batch):
                     input_ids[row, : lengths[i]] = torch.tensor(encoded[i])
                     attention[row, : lengths[i]] = 1
-                out = model(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    labels=torch.tensor([targets[i] for i in batch]),
-                )
-                out.loss.backward()
+                logits = model(input_ids=input_ids, attention_mask=attention).logits
+                loss = torch.nn.functional.cross_entropy(logits, targets[batch])
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                bar.set_postfix(epoch=epoch + 1, loss=f"{out.loss.item():.3f}", refresh=False)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     model.eval()
     return model, tokenizer
