@@ -31,7 +31,7 @@ $(RUNTIME_STAMP): requirements/runtime.txt requirements/build.txt common/pyproje
 		|| { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first, on its own: with no torch present, a dependency's unpinned torch could pull CUDA.
+	@# torch first, on its own: with no torch present, a dependency's unpinned torch could pull CUDA.
 	$(PIP) install --quiet $(TORCH_INDEX) "$$(grep -E '^torch==' requirements/runtime.txt)"
 	$(PIP) install --quiet -r requirements/runtime.txt
 	$(PIP) install --quiet --no-deps -r requirements/build.txt

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aifn import training
+from aifn.model import ModelIdentity, TextClassifier
 
 NAME = "aifn-sentiment-minilm-vader"
 LABELS = ("NEGATIVE", "NEUTRAL", "POSITIVE")
@@ -156,20 +157,23 @@ def fingerprint() -> dict[str, Any]:
 
 
 def evaluate(model: Any, tokenizer: Any, held_out: list[Rated]) -> dict[str, Any]:
-    """The held-out figures recorded in the model card."""
-    probs = training.predict_proba(
-        model, tokenizer, [r.text for r in held_out], max_length=CONFIG.max_length
+    """The held-out figures recorded in the model card, predicted by the serving code path."""
+    classifier = TextClassifier(
+        model,
+        tokenizer,
+        ModelIdentity(NAME, "unsaved"),
+        max_tokens=CONFIG.max_length,
+        batch_size=64,
     )
-    neg, pos = LABELS.index("NEGATIVE"), LABELS.index("POSITIVE")
-    top = [LABELS[max(range(len(LABELS)), key=p.__getitem__)] for p in probs]
-
+    predictions = classifier.predict([r.text for r in held_out])
+    top = [p.label for p in predictions]
     polar = [
-        (r, p, t)
-        for r, p, t in zip(held_out, probs, top, strict=True)
+        (r, dict(p.labels), p.label)
+        for r, p in zip(held_out, predictions, strict=True)
         if r.source == "movie" and abs(r.rating) >= 1
     ]
     truth = ["POSITIVE" if r.rating > 0 else "NEGATIVE" for r, _, _ in polar]
-    binary = ["POSITIVE" if p[pos] >= p[neg] else "NEGATIVE" for _, p, _ in polar]
+    binary = ["POSITIVE" if s["POSITIVE"] >= s["NEGATIVE"] else "NEGATIVE" for _, s, _ in polar]
     metrics: dict[str, Any] = {
         "movie_polar_n": len(polar),
         # The acceptance figure: of the two polar labels, does the model prefer the right one?
@@ -195,6 +199,8 @@ def evaluate(model: Any, tokenizer: Any, held_out: list[Rated]) -> dict[str, Any
 
 def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any]:
     """Train the model into ``dest`` (an empty directory) and return its evaluation figures."""
+    import torch
+
     clock = training.Stopwatch()
     rows = load_ratings(fetch_sdist())
     train = [training.Example(r.text, r.label) for r in rows if not r.held_out]
@@ -210,7 +216,7 @@ def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any
         else min(len(train), config.max_train_examples)
     )
     metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["threads"] = __import__("torch").get_num_threads()
+    metrics["threads"] = torch.get_num_threads()
     metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
     metrics["passes_movie_bar"] = metrics["movie_polar_accuracy"] >= MOVIE_BAR
     training.save_model(model, tokenizer, dest)

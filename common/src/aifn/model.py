@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,17 +100,21 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
+def hash_files(root: Path, files: Iterable[Path]) -> str:
+    """SHA-256 hex digest over each file's path (relative to ``root``) and bytes, in order."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def content_hash(path: Path) -> str:
     """SHA-256 over the files that define the model, as ``sha256:<first 16 hex digits>``."""
-    digest = hashlib.sha256()
-    for name in _IDENTITY_FILES:
-        file = path / name
-        if file.is_file():
-            digest.update(name.encode() + b"\0")
-            with file.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return f"sha256:{digest.hexdigest()[:16]}"
+    files = [path / name for name in _IDENTITY_FILES if (path / name).is_file()]
+    return f"sha256:{hash_files(path, files)[:16]}"
 
 
 def model_name(path: Path, config: dict[str, Any]) -> str:

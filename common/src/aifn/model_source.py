@@ -24,7 +24,6 @@ Usage: ``python -m aifn.model_source --source SPEC --dest DIR [--force]``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import logging
@@ -40,7 +39,7 @@ from types import ModuleType
 from typing import Any
 
 from aifn.errors import ConfigError
-from aifn.model import BUILD_INFO, check_model_dir
+from aifn.model import BUILD_INFO, check_model_dir, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +121,9 @@ def _gcs_blobs(location: str) -> list[Any]:
 
 
 def _tree_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != BUILD_INFO):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return hash_files(
+        path, sorted(p for p in path.rglob("*") if p.is_file() and p.name != BUILD_INFO)
+    )
 
 
 def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:

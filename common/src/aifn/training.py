@@ -265,28 +265,6 @@ def _freeze(model: Any, *, embeddings: bool, layers: int) -> None:
         layer.requires_grad_(False)
 
 
-@torch.inference_mode()
-def predict_proba(
-    model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int = 64
-) -> list[list[float]]:
-    """Class probabilities for each text, in the model's label-id order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    probs: list[list[float]] = [[] for _ in texts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [texts[i] for i in idx],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        p = torch.softmax(model(**enc).logits, dim=-1).tolist()
-        for i, row in zip(idx, p, strict=True):
-            probs[i] = row
-    return probs
-
-
 def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     if not y_true:
         raise ValueError("accuracy of an empty set")
