@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -25,15 +25,10 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled training or evaluation text.
-
-    ``soft`` optionally gives a probability for each label (same order as the model's labels),
-    for data whose labels are themselves uncertain, such as the mean of several raters.
-    """
+    """One labelled training or evaluation text."""
 
     text: str
     label: str
-    soft: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,9 +48,9 @@ class TrainConfig:
     freeze_embeddings: bool = True
     freeze_layers: int = 3
     # "mean": append a fixed encoder layer whose [CLS] output is the layer-normalised mean of all
-    # token states (see _append_mean_pooling_layer), so the standard classification head reads
+    # token states (see append_mean_pooling_layer), so the standard classification head reads
     # the pooling the sentence encoder was trained for; "cls": the head reads [CLS] as usual.
-    pooling: str = "mean"
+    pooling: Literal["mean", "cls"] = "mean"
     # Dropout for the fine-tune (None keeps the checkpoint's). Off by default: two epochs do not
     # overfit 20k examples, and dropout costs ~12% of a CPU step.
     dropout: float | None = 0.0
@@ -155,14 +150,7 @@ def fine_tune(
     encoded = tokenizer(
         [ex.text for ex in examples], truncation=True, max_length=config.max_length
     )["input_ids"]
-    targets = torch.tensor(
-        [
-            ex.soft
-            if ex.soft is not None
-            else [float(j == label2id[ex.label]) for j in label2id.values()]
-            for ex in examples
-        ]
-    )
+    targets = torch.tensor([label2id[ex.label] for ex in examples])
     lengths = [len(ids) for ids in encoded]
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
