@@ -1,7 +1,9 @@
-"""A text classifier loaded from a local Hugging Face directory: load, warm up, predict.
+"""Models loaded from a local Hugging Face directory: load, warm up, run.
 
-Lists in, lists out: :meth:`TextClassifier.predict` always takes a list; a single text is a list of
-one. The model is loaded once per process, before the port opens, and never from the network.
+Two kinds: a :class:`TextClassifier` (fixed labels, a probability per label) and a
+:class:`TextEncoder` (a sentence embedding per text, for zero-shot scoring against any labels).
+Lists in, lists out: a single text is a list of one. A model is loaded once per process, before
+the port opens, and never from the network.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self, TypeVar
 
 from aifn.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Files that define a model's behaviour; their bytes make up its revision hash.
 _IDENTITY_FILES = (
@@ -68,8 +71,24 @@ class Prediction:
         }
 
 
+CLASSIFIER = "classifier"
+ENCODER = "encoder"
+
+
+def model_kind(config: dict[str, Any]) -> str:
+    """``"classifier"`` for a sequence-classification checkpoint, else ``"encoder"``.
+
+    A classifier maps a text to scores over its fixed labels; an encoder (a sentence-embedding
+    model such as all-MiniLM-L6-v2) maps it to a vector.
+    """
+    architectures = config.get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return CLASSIFIER
+    return ENCODER
+
+
 def check_model_dir(path: Path) -> dict[str, Any]:
-    """Check that ``path`` holds a loadable classifier and return its ``config.json``.
+    """Check that ``path`` holds a loadable classifier or encoder and return its ``config.json``.
 
     Raises:
         ConfigError: With a message saying what is missing or wrong.
@@ -87,9 +106,12 @@ def check_model_dir(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must hold a JSON object")
-    id2label = config.get("id2label")
-    if not isinstance(id2label, dict) or len(id2label) < 2:
-        raise ConfigError(f"{config_path} has no id2label with at least two labels")
+    if model_kind(config) == CLASSIFIER:
+        id2label = config.get("id2label")
+        if not isinstance(id2label, dict) or len(id2label) < 2:
+            raise ConfigError(f"{config_path} has no id2label with at least two labels")
+    else:
+        _check_pooling(path)
     if not (path / "model.safetensors").is_file():
         raise ConfigError(
             f"{path} has no model.safetensors; only safetensors weights are loaded "
@@ -98,6 +120,21 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
         raise ConfigError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)")
     return config
+
+
+def _check_pooling(path: Path) -> None:
+    """Encoders are read with mean pooling: refuse a sentence-transformers dir saying otherwise."""
+    pooling = path / "1_Pooling" / "config.json"
+    if not pooling.is_file():
+        return
+    try:
+        mean = json.loads(pooling.read_text(encoding="utf-8")).get("pooling_mode_mean_tokens")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise ConfigError(f"{pooling} is not a valid pooling config: {exc}") from None
+    if mean is not True:
+        raise ConfigError(
+            f"{pooling} does not use mean pooling; only mean-pooled encoders are supported"
+        )
 
 
 def hash_files(root: Path, files: Iterable[Path]) -> str:
@@ -133,12 +170,16 @@ def model_name(path: Path, config: dict[str, Any]) -> str:
     return path.resolve().name
 
 
-class TextClassifier:
-    """A sequence-classification model and its tokenizer, serving one batch at a time.
+class _TransformerModel:
+    """A Hugging Face model and its tokenizer, run one chunk at a time under a lock.
 
-    Inference is serialised by a lock: on a small instance, concurrent forward passes only fight
-    over the same cores, and one pass at a time keeps latency predictable.
+    Inference is serialised: on a small instance, concurrent forward passes only fight over the
+    same cores, and one pass at a time keeps latency predictable. The fast tokenizer is not safe
+    to call from several threads at once either (truncation and padding settings live in shared
+    Rust state: "Already borrowed"), so tokenization runs under the same lock.
     """
+
+    kind: ClassVar[str]
 
     def __init__(
         self,
@@ -152,28 +193,38 @@ class TextClassifier:
         self._model = model
         self._tokenizer = tokenizer
         self.identity = identity
-        self.labels: list[str] = [
-            model.config.id2label[i] for i in range(len(model.config.id2label))
-        ]
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self.ready = False
 
+    @property
+    def labels(self) -> list[str]:
+        """The model's fixed labels, in id order; empty for an encoder."""
+        return []
+
+    @staticmethod
+    def _auto_class() -> Any:
+        raise NotImplementedError
+
     @classmethod
-    def load(cls, path: Path, *, max_tokens: int, batch_size: int, threads: int) -> TextClassifier:
+    def load(cls, path: Path, *, max_tokens: int, batch_size: int, threads: int) -> Self:
         """Load the model in ``path`` (offline), then warm it up.
 
         Raises:
-            ConfigError: The directory is missing or not a usable classifier.
+            ConfigError: The directory is missing, not usable, or not of this class's kind.
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         config = check_model_dir(path)
+        if model_kind(config) != cls.kind:
+            raise ConfigError(
+                f"{path} holds a {model_kind(config)} model, but a {cls.kind} is needed here"
+            )
         started = time.perf_counter()
 
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers import logging as hf_logging
 
         torch.set_num_threads(threads)
@@ -181,7 +232,7 @@ class TextClassifier:
         hf_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = cls._auto_class().from_pretrained(
                 path, local_files_only=True, use_safetensors=True
             )
         except Exception as exc:  # the libraries raise many types for one cause: a bad directory
@@ -193,52 +244,53 @@ class TextClassifier:
             getattr(tokenizer, "model_max_length", max_tokens) or max_tokens,
         )
         identity = ModelIdentity(model_name(path, config), content_hash(path))
-        classifier = cls(model, tokenizer, identity, max_tokens=limit, batch_size=batch_size)
-        classifier.warm_up()
+        loaded = cls(model, tokenizer, identity, max_tokens=limit, batch_size=batch_size)
+        loaded.warm_up()
         log.info(
             "model loaded",
             extra={
                 "fields": {
                     "model": identity.to_json(),
-                    "labels": classifier.labels,
+                    "kind": cls.kind,
+                    "labels": loaded.labels,
                     "load_seconds": round(time.perf_counter() - started, 3),
                     "torch_threads": threads,
                     "max_tokens": limit,
                 }
             },
         )
-        return classifier
+        return loaded
 
     def warm_up(self) -> None:
         """Run one short and one full-length inference so the first request pays no set-up."""
-        self.predict(["warm-up", "warm " * self.max_tokens])
+        self._chunked(["warm-up", "warm " * self.max_tokens], self._forward)
         self.ready = True
 
-    def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        """Classify every text; results are in input order."""
-        results: list[Prediction | None] = [None] * len(texts)
-        # Sorting by length before chunking keeps padding (wasted compute) small.
+    def _chunked(
+        self, texts: Sequence[str], forward: Callable[[Any], list[_T]]
+    ) -> tuple[list[_T], list[bool]]:
+        """Run ``forward`` over ``texts`` in length-sorted chunks; outputs in input order.
+
+        Sorting by length before chunking keeps padding (wasted compute) small.
+        """
+        outputs: list[Any] = [None] * len(texts)
+        truncated = [False] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             with self._lock:
-                probs, truncated = self._run([texts[i] for i in idx])
+                inputs, cut = self._tokenize([texts[i] for i in idx])
+                rows = forward(inputs)
             for pos, i in enumerate(idx):
-                ranked = sorted(
-                    zip(self.labels, probs[pos], strict=True), key=lambda p: p[1], reverse=True
-                )
-                results[i] = Prediction(labels=ranked, truncated=truncated[pos])
-        return [r for r in results if r is not None]
+                outputs[i] = rows[pos]
+                truncated[i] = cut[pos]
+        return outputs, truncated
 
-    def _run(self, texts: list[str]) -> tuple[list[list[float]], list[bool]]:
-        """Tokenize and classify one chunk; the caller holds the lock.
+    def _forward(self, inputs: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
 
-        The fast tokenizer is not safe to call from several threads at once (truncation and
-        padding settings live in shared Rust state: "Already borrowed"), so tokenization runs
-        under the same lock as the forward pass.
-        """
-        import torch
-
+    def _tokenize(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
+        """Tokenize one chunk, truncating to ``max_tokens``; the caller holds the lock."""
         enc = self._tokenizer(
             texts,
             truncation=True,
@@ -248,7 +300,7 @@ class TextClassifier:
             return_tensors="pt",
         )
         # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
-        # only each text's first row is classified.
+        # only each text's first row is kept.
         mapping = enc.pop("overflow_to_sample_mapping").tolist()
         first_rows: list[int] = []
         truncated = [False] * len(texts)
@@ -264,6 +316,108 @@ class TextClassifier:
             # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
             width = int(inputs["attention_mask"].sum(dim=1).max())
             inputs = {k: v[:, :width] for k, v in inputs.items()}
+        return inputs, truncated
+
+
+class TextClassifier(_TransformerModel):
+    """A sequence-classification model: each text gets a score for each of its fixed labels."""
+
+    kind = CLASSIFIER
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        identity: ModelIdentity,
+        *,
+        max_tokens: int,
+        batch_size: int,
+    ) -> None:
+        super().__init__(model, tokenizer, identity, max_tokens=max_tokens, batch_size=batch_size)
+        self._labels: list[str] = [
+            model.config.id2label[i] for i in range(len(model.config.id2label))
+        ]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+    @staticmethod
+    def _auto_class() -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def probabilities(self, texts: Sequence[str]) -> tuple[list[list[float]], list[bool]]:
+        """Each text's probability per label (in :attr:`labels` order) and its truncation."""
+        return self._chunked(texts, self._forward)
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Classify every text; results are in input order."""
+        probs, truncated = self.probabilities(texts)
+        return [
+            Prediction(labels=rank(self._labels, p), truncated=t)
+            for p, t in zip(probs, truncated, strict=True)
+        ]
+
+    def _forward(self, inputs: dict[str, Any]) -> list[list[float]]:
+        import torch
+
         with torch.inference_mode():
-            probs = torch.softmax(self._model(**inputs).logits.float(), dim=-1).tolist()
-        return probs, truncated
+            probs: list[list[float]] = torch.softmax(
+                self._model(**inputs).logits.float(), dim=-1
+            ).tolist()
+        return probs
+
+
+class TextEncoder(_TransformerModel):
+    """A sentence encoder: each text becomes a unit-length vector (mean of its token states).
+
+    Cosine similarity between two texts is the dot product of their vectors.
+    """
+
+    kind = ENCODER
+
+    @staticmethod
+    def _auto_class() -> Any:
+        from transformers import AutoModel
+
+        return AutoModel
+
+    def embed(self, texts: Sequence[str]) -> tuple[Any, list[bool]]:
+        """A ``(len(texts), dim)`` float tensor of normalised embeddings, and each truncation."""
+        import torch
+
+        rows, truncated = self._chunked(texts, self._forward)
+        return torch.stack(rows), truncated
+
+    def _forward(self, inputs: dict[str, Any]) -> list[Any]:
+        import torch
+
+        with torch.inference_mode():
+            states = self._model(**inputs).last_hidden_state.float()
+            mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+            mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            return list(torch.nn.functional.normalize(mean, dim=-1))
+
+
+def rank(labels: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:
+    """Pair labels with scores, highest score first (ties keep label order)."""
+    return sorted(zip(labels, scores, strict=True), key=lambda p: p[1], reverse=True)
+
+
+def load_model(
+    path: Path, *, max_tokens: int, batch_size: int, threads: int, kinds: Sequence[str]
+) -> TextClassifier | TextEncoder:
+    """Load whichever kind of model ``path`` holds, if it is one of ``kinds``.
+
+    Raises:
+        ConfigError: The directory is unusable, or holds a kind of model not in ``kinds``.
+    """
+    kind = model_kind(check_model_dir(path))
+    if kind not in kinds:
+        raise ConfigError(
+            f"{path} holds a {kind} model; this function serves {' or '.join(kinds)} models"
+        )
+    cls: type[TextClassifier | TextEncoder] = TextClassifier if kind == CLASSIFIER else TextEncoder
+    return cls.load(path, max_tokens=max_tokens, batch_size=batch_size, threads=threads)

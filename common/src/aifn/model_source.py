@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,7 +200,35 @@ def prepare(spec: str, dest: Path, *, force: bool = False) -> dict[str, Any]:
     """
     source = parse(spec)
     name, fp = fingerprint(source)
-    fp = json.loads(json.dumps(fp))  # compare as it is stored: tuples become lists in JSON
+    return build_cached(
+        dest,
+        name=name,
+        source=spec,
+        fingerprint=fp,
+        build=lambda tmp: _fetch(source, tmp),
+        force=force,
+    )
+
+
+def build_cached(
+    dest: Path,
+    *,
+    name: str,
+    source: str,
+    fingerprint: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run ``build(tmp)`` unless ``dest`` was built from the same fingerprint; swap in atomically.
+
+    ``build`` fills an empty directory beside ``dest`` and returns figures to record; the result
+    replaces ``dest`` only once it passes :func:`aifn.model.check_model_dir`, so a failed or
+    interrupted build leaves the previous model in place.
+
+    Returns:
+        The ``aifn-model.json`` record, with ``"cached": True`` when nothing was rebuilt.
+    """
+    fp = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists in JSON
     current = read_info(dest)
     if not force and current is not None and current.get("fingerprint") == fp:
         try:
@@ -215,11 +244,11 @@ def prepare(spec: str, dest: Path, *, force: bool = False) -> dict[str, Any]:
     tmp.mkdir()
     started = time.perf_counter()
     try:
-        metrics = _fetch(source, tmp)
+        metrics = build(tmp)
         check_model_dir(tmp)
         info = {
             "name": name,
-            "source": spec,
+            "source": source,
             "fingerprint": fp,
             "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "prepare_seconds": round(time.perf_counter() - started, 1),

@@ -116,7 +116,17 @@ COMPONENTS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["ok"]},
             "function": {"type": "string"},
             "model": ref("ModelIdentity"),
-            "labels": {"type": "array", "items": {"type": "string"}},
+            "kind": {
+                "type": "string",
+                "enum": ["classifier", "encoder"],
+                "description": "A classifier has fixed labels; an encoder scores any labels "
+                "(zero-shot).",
+            },
+            "labels": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "A classifier's labels; empty for an encoder.",
+            },
         },
     },
 }

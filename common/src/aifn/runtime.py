@@ -7,21 +7,31 @@ opens the port; so a function either serves a warmed-up model or exits with a cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import flask
 
 from aifn import logs
 from aifn.errors import ConfigError
-from aifn.model import TextClassifier
+from aifn.model import CLASSIFIER, load_model
 from aifn.service import Service
 from aifn.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def start(function: str, *, default_model_dir: Path, description: str) -> Service:
+def start(
+    function: str,
+    *,
+    default_model_dir: Path,
+    description: str,
+    kinds: Sequence[str] = (CLASSIFIER,),
+) -> Service:
     """Read settings, configure logs, load and warm up the model, and build the service.
+
+    Args:
+        kinds: The kinds of model (:mod:`aifn.model`) the function can serve.
 
     Raises:
         SystemExit: A setting or the model directory is unusable (after logging why).
@@ -32,8 +42,9 @@ def start(function: str, *, default_model_dir: Path, description: str) -> Servic
         raise SystemExit(f"{function}: configuration error: {exc}") from None
     logs.configure(settings.log_level, settings.google_cloud_project)
     try:
-        model = TextClassifier.load(
+        model = load_model(
             settings.model_dir,
+            kinds=kinds,
             max_tokens=settings.max_tokens,
             batch_size=settings.inference_batch_size,
             threads=settings.torch_threads,

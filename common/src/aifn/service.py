@@ -20,7 +20,7 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from aifn import errors, logs, openapi
-from aifn.model import TextClassifier
+from aifn.model import TextClassifier, TextEncoder
 from aifn.settings import Settings
 from aifn.validation import read_json
 
@@ -69,7 +69,7 @@ class Service:
         *,
         function: str,
         settings: Settings,
-        model: TextClassifier,
+        model: TextClassifier | TextEncoder,
         description: str,
         version: str = "1.0.0",
     ) -> None:
@@ -149,6 +149,7 @@ class Service:
             "status": "ok",
             "function": self.function,
             "model": self.model.identity.to_json(),
+            "kind": self.model.kind,
             "labels": self.model.labels,
         }
 

@@ -12,19 +12,19 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aifn.errors import ConfigError
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
         return True
@@ -33,63 +33,125 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(f"expected true/false, got {raw!r}")
 
 
-def _setting(env: str, doc: str, default: Any = None, *, shown_default: str | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc, "shown_default": shown_default})
+def positive_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _token_count(raw: str) -> int:
+    value = positive_int(raw)
+    if value < 8:
+        raise ValueError("must be at least 8 tokens")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return value
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def unit_interval(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+def setting(
+    env: str,
+    doc: str,
+    default: Any = None,
+    *,
+    parse: Callable[[str], Any],
+    shown_default: str | None = None,
+) -> Any:
+    """Declare a settings field: its variable, its README text, its default and its parser.
+
+    ``parse`` turns the variable's raw text into the value, raising ``ValueError`` with a short
+    reason when it cannot.
+    """
+    return field(
+        default=default,
+        metadata={"env": env, "doc": doc, "parse": parse, "shown_default": shown_default},
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
     """Settings shared by every function; build it with :meth:`from_env`."""
 
-    model_dir: Path = _setting(
+    model_dir: Path = setting(
         "MODEL_DIR",
         "Directory of the prepared Hugging Face model the function serves. Read once at startup; "
         "the process exits with an error if it is missing or malformed.",
         shown_default="`models/<function>/` at the repository root",
+        parse=_path,
     )
-    max_body_bytes: int = _setting(
+    max_body_bytes: int = setting(
         "MAX_BODY_BYTES",
         "Largest request body accepted; larger bodies get 413 `payload_too_large` without being "
         "read.",
         1_048_576,
+        parse=positive_int,
     )
-    max_batch_texts: int = _setting(
+    max_batch_texts: int = setting(
         "MAX_BATCH_TEXTS",
         "Most texts in one `texts` request; more get 422 `too_many_texts`. Send bigger jobs in "
         "several requests.",
         64,
+        parse=positive_int,
     )
-    max_tokens: int = _setting(
+    max_tokens: int = setting(
         "MAX_TOKENS",
         "Texts longer than this many tokens are truncated (and the result says `truncated: true`). "
         "Capped by the model's own limit. Cost grows with it.",
         256,
+        parse=_token_count,
     )
-    inference_batch_size: int = _setting(
+    inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",
         "Texts per forward pass; a request's texts are sorted by length and run in chunks of this "
         "size.",
         32,
+        parse=positive_int,
     )
-    torch_threads: int = _setting(
+    torch_threads: int = setting(
         "TORCH_THREADS",
         "Intra-op threads for inference. One inference runs at a time per instance, so this "
         "should match the instance's vCPUs.",
         shown_default="the CPUs this process may use",
+        parse=positive_int,
     )
-    log_level: str = _setting(
-        "LOG_LEVEL", "Lowest severity logged: DEBUG, INFO, WARNING or ERROR.", "INFO"
+    log_level: str = setting(
+        "LOG_LEVEL",
+        "Lowest severity logged: DEBUG, INFO, WARNING or ERROR.",
+        "INFO",
+        parse=_log_level,
     )
-    log_request_text: bool = _setting(
+    log_request_text: bool = setting(
         "LOG_REQUEST_TEXT",
         "Log the texts of each request at DEBUG. Off by default: texts are user data.",
         False,
+        parse=parse_bool,
     )
-    google_cloud_project: str | None = _setting(
+    google_cloud_project: str | None = setting(
         "GOOGLE_CLOUD_PROJECT",
         "Project id used to link log lines to Cloud Trace (`logging.googleapis.com/trace`). "
         "Terraform sets it.",
         shown_default="unset (trace ids are logged bare)",
+        parse=_optional_str,
     )
 
     @classmethod
@@ -105,61 +167,48 @@ class Settings:
         Raises:
             ConfigError: A variable is set to a value that cannot be used; the message names it.
         """
-        env = os.environ if environ is None else environ
-        defaults: dict[str, Any] = {
-            "model_dir": default_model_dir,
-            "torch_threads": _cpu_count(),
-        }
-        parsers: dict[str, Callable[[str], Any]] = {
-            "model_dir": lambda raw: Path(raw).expanduser(),
-            "max_body_bytes": _positive_int,
-            "max_batch_texts": _positive_int,
-            "max_tokens": _token_count,
-            "inference_batch_size": _positive_int,
-            "torch_threads": _positive_int,
-            "log_level": _log_level,
-            "log_request_text": _parse_bool,
-            "google_cloud_project": lambda raw: raw.strip() or None,
-        }
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = f.metadata["env"]
-            raw = env.get(var)
-            if raw is None or raw == "":
-                values[f.name] = defaults.get(f.name, f.default)
-                continue
-            try:
-                values[f.name] = parsers[f.name](raw)
-            except ValueError as exc:
-                raise ConfigError(f"{var}={raw!r} is invalid: {exc}") from None
-        return cls(**values)
+        return read_env(
+            cls,
+            environ,
+            defaults={"model_dir": default_model_dir, "torch_threads": cpu_count()},
+        )
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw.strip())
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
+_S = TypeVar("_S")
 
 
-def _token_count(raw: str) -> int:
-    value = _positive_int(raw)
-    if value < 8:
-        raise ValueError("must be at least 8 tokens")
-    return value
+def read_env(
+    cls: type[_S],
+    environ: Mapping[str, str] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> _S:
+    """Build the settings dataclass ``cls`` from the environment (``os.environ`` by default).
+
+    Unset or empty variables take ``defaults[name]`` if given, else the field's default.
+
+    Raises:
+        ConfigError: A variable is set to a value that cannot be used; the message names it.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        var = f.metadata["env"]
+        raw = env.get(var)
+        if raw is None or raw == "":
+            values[f.name] = (defaults or {}).get(f.name, f.default)
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{var}={raw!r} is invalid: {exc}") from None
+    return cls(**values)
 
 
-def _log_level(raw: str) -> str:
-    value = raw.strip().upper()
-    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return value
-
-
-def documented_settings() -> list[tuple[str, str, str]]:
+def documented_settings(cls: type[Any] | None = None) -> list[tuple[str, str, str]]:
     """(variable, default as shown in the README, description) for every setting, in order."""
     rows = []
-    for f in fields(Settings):
+    for f in fields(cls or Settings):
         shown = f.metadata["shown_default"]
         if shown is None:
             shown = f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"
@@ -167,8 +216,8 @@ def documented_settings() -> list[tuple[str, str, str]]:
     return rows
 
 
-def settings_table() -> str:
-    """The README's configuration table, as Markdown."""
+def settings_table(cls: type[Any] | None = None) -> str:
+    """A README configuration table (of :class:`Settings` by default), as Markdown."""
     lines = ["| Variable | Default | What it does |", "|---|---|---|"]
-    lines += [f"| `{var}` | {default} | {doc} |" for var, default, doc in documented_settings()]
+    lines += [f"| `{var}` | {default} | {doc} |" for var, default, doc in documented_settings(cls)]
     return "\n".join(lines)
