@@ -15,13 +15,23 @@ TORCH_INDEX ?=
 
 # Where each function's model comes from (see README, "Model sources") and where it is prepared.
 SENTIMENT_MODEL_SOURCE ?= recipe:functions/sentiment/recipe.py
+CLASSIFY_MODEL_SOURCE ?= recipe:functions/classify/recipe.py
 MODELS := models
+# What `make serve` serves; e.g. CLASSIFY_MODEL_DIR=models/classify-tuned after `make train`.
+SENTIMENT_MODEL_DIR ?= $(MODELS)/sentiment
+CLASSIFY_MODEL_DIR ?= $(MODELS)/classify
 PORT ?= 8080
+CLASSIFY_PORT ?= 8081
+# `make train`: a labelled JSONL or CSV file (local or gs://), optional separate test file.
+DATA ?=
+EVAL_DATA ?=
+DEST ?= $(MODELS)/classify-tuned
+TRAIN_ARGS ?=
 
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model venv dev clean bench
+.PHONY: help serve test lint fmt model train venv dev clean bench
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,15 +56,28 @@ venv: $(RUNTIME_STAMP)  ## Create .venv with the runtime and build dependencies.
 
 dev: $(DEV_STAMP)  ## Add the test and lint tools.
 
-model: $(RUNTIME_STAMP)  ## Prepare models/sentiment (trains once, then cached until its inputs change).
+model: $(RUNTIME_STAMP)  ## Prepare models/sentiment and models/classify (cached until their inputs change).
 	HF_HUB_OFFLINE=1 $(PY) -m aifn.model_source \
 		--source "$(SENTIMENT_MODEL_SOURCE)" --dest $(MODELS)/sentiment
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.model_source \
+		--source "$(CLASSIFY_MODEL_SOURCE)" --dest $(MODELS)/classify
 
-serve: model  ## Serve the sentiment function on http://localhost:$(PORT) (gunicorn via functions-framework).
-	@echo "sentiment: http://localhost:$(PORT)/v1/analyze/sentiment  (Ctrl-C to stop)"
-	HF_HUB_OFFLINE=1 MODEL_DIR=$${MODEL_DIR:-$(MODELS)/sentiment} WORKERS=1 THREADS=$${THREADS:-8} \
-		exec $(VENV)/bin/functions-framework --target sentiment \
-		--source functions/sentiment/main.py --port $(PORT)
+train: $(RUNTIME_STAMP)  ## Fine-tune a classifier: make train DATA=tickets.jsonl [EVAL_DATA=..] [DEST=..]
+	@test -n "$(DATA)" || { echo "usage: make train DATA=file.jsonl|file.csv|gs://.. [EVAL_DATA=..] [DEST=$(DEST)]"; exit 2; }
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.train --data "$(DATA)" --dest "$(DEST)" \
+		$(if $(EVAL_DATA),--eval-data "$(EVAL_DATA)") $(TRAIN_ARGS)
+
+# Both functions, each in its own functions-framework (gunicorn) process, as on Cloud Run; Ctrl-C
+# or either process exiting stops both.
+serve: model  ## Serve sentiment on :$(PORT) and classify on :$(CLASSIFY_PORT) (gunicorn via functions-framework).
+	@echo "sentiment: http://localhost:$(PORT)/v1/analyze/sentiment"
+	@echo "classify:  http://localhost:$(CLASSIFY_PORT)/v1/classify   (Ctrl-C stops both)"
+	export HF_HUB_OFFLINE=1 WORKERS=1 THREADS=$${THREADS:-8}; trap 'kill 0' EXIT; \
+	MODEL_DIR=$(SENTIMENT_MODEL_DIR) $(VENV)/bin/functions-framework --target sentiment \
+		--source functions/sentiment/main.py --port $(PORT) & \
+	MODEL_DIR=$(CLASSIFY_MODEL_DIR) $(VENV)/bin/functions-framework --target classify \
+		--source functions/classify/main.py --port $(CLASSIFY_PORT) & \
+	wait -n
 
 test: $(DEV_STAMP) model  ## Run the whole test suite (unit, integration, HTTP, storage emulator).
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -28,6 +28,19 @@ TOPICS = {
     "tech": "tech",
 }
 
+# Label descriptions for zero-shot classification, written and compared on the dev split only.
+DESCRIPTIONS = {
+    "business": "News about business, companies, markets, the economy, trade and finance.",
+    "entertainment": "News about films, music, television, actors, celebrities, awards and the "
+    "arts.",
+    "politics": "News about politics, the government, elections, political parties, ministers "
+    "and parliament.",
+    "sport": "News about sport: football, rugby, cricket, tennis, athletics, matches, teams and "
+    "players.",
+    "tech": "News about technology: computers, the internet, software, video games, gadgets and "
+    "mobile phones.",
+}
+
 
 @dataclass(frozen=True)
 class Article:

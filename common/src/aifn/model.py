@@ -53,6 +53,8 @@ class Prediction:
 
     labels: list[tuple[str, float]]
     truncated: bool
+    # Multi-label results: the labels whose independent score reached the threshold.
+    matches: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -63,12 +65,15 @@ class Prediction:
         return self.labels[0][1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "label": self.label,
             "score": round(self.score, 6),
             "labels": [{"label": lbl, "score": round(s, 6)} for lbl, s in self.labels],
             "truncated": self.truncated,
         }
+        if self.matches is not None:
+            out["matches"] = self.matches
+        return out
 
 
 CLASSIFIER = "classifier"

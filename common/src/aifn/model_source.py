@@ -91,7 +91,9 @@ def load_recipe(path: Path) -> ModuleType:
         raise ConfigError(f"recipe {path} does not exist")
     # The recipe's own folder goes first on the path, as when running it as a script.
     sys.path.insert(0, str(path.parent.resolve()))
-    module_spec = importlib.util.spec_from_file_location(f"aifn_recipe_{path.stem}", path)
+    module_spec = importlib.util.spec_from_file_location(
+        f"aifn_recipe_{path.parent.name}_{path.stem}", path
+    )
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"cannot import recipe {path}")
     module = importlib.util.module_from_spec(module_spec)

@@ -73,6 +73,14 @@ COMPONENTS: dict[str, Any] = {
             },
         },
     },
+    "Text": {"type": "string", "minLength": 1, "description": "One text (not blank)."},
+    "TextList": {
+        "type": "array",
+        "minItems": 1,
+        "items": ref("Text"),
+        "description": "Texts to process together (at most MAX_BATCH_TEXTS); results keep "
+        "this order.",
+    },
     "TextsRequest": {
         "type": "object",
         "description": "Exactly one of `text` or `texts`.",
@@ -81,19 +89,13 @@ COMPONENTS: dict[str, Any] = {
                 "type": "object",
                 "required": ["text"],
                 "additionalProperties": False,
-                "properties": {"text": {"type": "string", "minLength": 1}},
+                "properties": {"text": ref("Text")},
             },
             {
                 "type": "object",
                 "required": ["texts"],
                 "additionalProperties": False,
-                "properties": {
-                    "texts": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {"type": "string", "minLength": 1},
-                    }
-                },
+                "properties": {"texts": ref("TextList")},
             },
         ],
     },

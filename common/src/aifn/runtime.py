@@ -7,8 +7,9 @@ opens the port; so a function either serves a warmed-up model or exits with a cl
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import flask
 
@@ -16,9 +17,22 @@ from aifn import logs
 from aifn.errors import ConfigError
 from aifn.model import CLASSIFIER, load_model
 from aifn.service import Service
-from aifn.settings import Settings
+from aifn.settings import Settings, cpu_count, read_env
 
 log = logging.getLogger(__name__)
+_S = TypeVar("_S")
+
+
+def read_settings(function: str, cls: type[_S], *, defaults: Mapping[str, Any] | None = None) -> _S:
+    """Read a settings dataclass (see :func:`aifn.settings.read_env`) or exit saying why.
+
+    Raises:
+        SystemExit: A variable is set to a value that cannot be used.
+    """
+    try:
+        return read_env(cls, defaults=defaults)
+    except ConfigError as exc:
+        raise SystemExit(f"{function}: configuration error: {exc}") from None
 
 
 def start(
@@ -36,10 +50,9 @@ def start(
     Raises:
         SystemExit: A setting or the model directory is unusable (after logging why).
     """
-    try:
-        settings = Settings.from_env(default_model_dir=default_model_dir)
-    except ConfigError as exc:
-        raise SystemExit(f"{function}: configuration error: {exc}") from None
+    settings = read_settings(
+        function, Settings, defaults={"model_dir": default_model_dir, "torch_threads": cpu_count()}
+    )
     logs.configure(settings.log_level, settings.google_cloud_project)
     try:
         model = load_model(

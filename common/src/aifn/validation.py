@@ -104,7 +104,7 @@ def parse_texts(body: Mapping[str, Any], *, max_texts: int) -> Texts:
             else "send 'text' or 'texts', not both"
         )
     if has_text:
-        return Texts([_text(body["text"], "text")], single=True)
+        return Texts([check_string(body["text"], "text")], single=True)
     texts = body["texts"]
     if not isinstance(texts, list):
         raise InvalidRequest(f"'texts' must be a list of strings, not {json_type(texts)}")
@@ -114,10 +114,11 @@ def parse_texts(body: Mapping[str, Any], *, max_texts: int) -> Texts:
         raise TooManyTexts(
             f"{len(texts)} texts in one request; the limit is {max_texts} (MAX_BATCH_TEXTS)"
         )
-    return Texts([_text(t, f"texts[{i}]") for i, t in enumerate(texts)], single=False)
+    return Texts([check_string(t, f"texts[{i}]") for i, t in enumerate(texts)], single=False)
 
 
-def _text(value: Any, where: str) -> str:
+def check_string(value: Any, where: str, *, max_chars: int | None = None) -> str:
+    """A non-blank string with no NUL or unpaired surrogate, at most ``max_chars`` long."""
     if not isinstance(value, str):
         raise InvalidRequest(f"'{where}' must be a string, not {json_type(value)}")
     if not value.strip():
@@ -129,6 +130,8 @@ def _text(value: Any, where: str) -> str:
     except UnicodeEncodeError:
         # JSON can spell a lone surrogate ("\\ud800") that no UTF-8 text contains.
         raise InvalidRequest(f"'{where}' contains an unpaired surrogate escape") from None
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidRequest(f"'{where}' is {len(value)} characters; the limit is {max_chars}")
     return value
 
 

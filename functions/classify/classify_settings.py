@@ -1,0 +1,57 @@
+"""The classify function's own settings, beside the shared ones in :mod:`aifn.settings`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aifn.settings import positive_int, setting, unit_interval
+
+DEFAULT_TEMPLATE = "This is about {label}."
+
+
+def _template(raw: str) -> str:
+    if raw.count("{label}") != 1:
+        raise ValueError("must contain '{label}' exactly once")
+    return raw
+
+
+def _at_least_two(raw: str) -> int:
+    value = positive_int(raw)
+    if value < 2:
+        raise ValueError("must be at least 2")
+    return value
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    """Settings only the classify function reads."""
+
+    max_labels: int = setting(
+        "MAX_LABELS",
+        "Most labels in one classify request; more get 422 `invalid_request`. Each label costs "
+        "one embedding (once, then cached) and one score per text.",
+        50,
+        parse=_at_least_two,
+    )
+    label_cache_size: int = setting(
+        "LABEL_CACHE_SIZE",
+        "Zero-shot label embeddings kept in memory (least recently used evicted first); about "
+        "1.5 KB each. A repeated label set costs no model call.",
+        4096,
+        parse=positive_int,
+    )
+    zero_shot_template: str = setting(
+        "ZERO_SHOT_TEMPLATE",
+        "How a bare label is phrased before it is embedded; must contain `{label}`. A request's "
+        "`template` overrides it; a label's description replaces it.",
+        DEFAULT_TEMPLATE,
+        parse=_template,
+        shown_default=f"`{DEFAULT_TEMPLATE}`",
+    )
+    multi_label_threshold: float = setting(
+        "MULTI_LABEL_THRESHOLD",
+        "With `multi_label: true`, a label is in a result's `matches` when its score is at least "
+        "this (scores are independent per label, 0..1).",
+        0.5,
+        parse=unit_interval,
+    )

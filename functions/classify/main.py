@@ -1,0 +1,258 @@
+"""Text classification into the caller's labels (zero-shot) or a fine-tuned model's labels.
+
+Entry point ``classify`` (functions-framework HTTP target). Endpoints: ``POST /v1/classify``,
+``GET /v1/health``, ``GET /openapi.json``. The mode follows the model in ``MODEL_DIR``: a sentence
+encoder (the default, packaged MiniLM) scores any labels the request names; a classifier trained
+with ``make train`` answers with its own labels.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flask
+import functions_framework
+from classify_settings import ClassifySettings
+from zero_shot import ZeroShotClassifier
+
+from aifn import runtime
+from aifn.errors import InvalidRequest
+from aifn.model import CLASSIFIER, ENCODER, Prediction, TextClassifier, TextEncoder, rank
+from aifn.openapi import ref
+from aifn.validation import check_string, json_type, parse_texts, require_object
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_LABEL_CHARS = 100
+MAX_DESCRIPTION_CHARS = 1000
+FIELDS = {"text", "texts", "labels", "descriptions", "multi_label", "template"}
+
+options = runtime.read_settings("classify", ClassifySettings)
+service = runtime.start(
+    "classify",
+    default_model_dir=REPO_ROOT / "models" / "classify",
+    description=(
+        "Sort texts into categories. Zero-shot (a sentence-encoder model): name your `labels`, "
+        "optionally with a description each, and every label is scored per text. Fine-tuned "
+        "(a model trained with `make train`): the model's own labels are scored, and `labels` "
+        "may narrow them."
+    ),
+    kinds=(ENCODER, CLASSIFIER),
+)
+ZERO_SHOT = isinstance(service.model, TextEncoder)
+zero_shot = (
+    ZeroShotClassifier(service.model, cache_size=options.label_cache_size)
+    if isinstance(service.model, TextEncoder)
+    else None
+)
+
+
+def _request_schema() -> dict[str, Any]:
+    label = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
+    return {
+        "type": "object",
+        "description": "Exactly one of `text` or `texts`"
+        + (", and the `labels` to score." if ZERO_SHOT else "; `labels` is optional."),
+        "required": ["labels"] if ZERO_SHOT else [],
+        "additionalProperties": False,
+        "oneOf": [{"required": ["text"]}, {"required": ["texts"]}],
+        "properties": {
+            "text": ref("Text"),
+            "texts": ref("TextList"),
+            "labels": {
+                "type": "array",
+                "items": label,
+                "minItems": 2,
+                "maxItems": options.max_labels,
+                "uniqueItems": True,
+                "description": "The labels to score (unique, case-insensitively)."
+                + ("" if ZERO_SHOT else " Must be labels of the model; narrows its labels."),
+            },
+            "descriptions": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_DESCRIPTION_CHARS,
+                },
+                "description": "Zero-shot only: a phrase per label describing it, embedded "
+                "instead of the label's template. Keys must be in `labels`.",
+            },
+            "multi_label": {
+                "type": "boolean",
+                "default": False,
+                "description": "Zero-shot only: score labels independently (a text may match "
+                "several or none; see `matches`) instead of as one distribution.",
+            },
+            "template": {
+                "type": "string",
+                "pattern": "\\{label\\}",
+                "maxLength": 200,
+                "description": "Zero-shot only: phrasing for labels without a description, "
+                f"with `{{label}}` once (default `{options.zero_shot_template}`).",
+            },
+        },
+    }
+
+
+RESPONSE_SCHEMA = {
+    "allOf": [
+        ref("PredictionResponse"),
+        {
+            "type": "object",
+            "required": ["mode", "multi_label"],
+            "properties": {
+                "mode": {"type": "string", "enum": ["zero-shot", "fine-tuned"]},
+                "multi_label": {"type": "boolean"},
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "matches": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "Multi-label only: labels scoring at least "
+                                "MULTI_LABEL_THRESHOLD, highest first.",
+                            }
+                        },
+                    },
+                },
+            },
+        },
+    ]
+}
+
+
+def parse_labels(body: Mapping[str, Any], *, required: bool) -> list[str] | None:
+    if "labels" not in body:
+        if required:
+            raise InvalidRequest("'labels' is missing: send the list of labels to score")
+        return None
+    labels = body["labels"]
+    if not isinstance(labels, list):
+        raise InvalidRequest(f"'labels' must be a list of strings, not {json_type(labels)}")
+    if len(labels) < 2:
+        raise InvalidRequest(f"'labels' has {len(labels)}; send at least 2")
+    if len(labels) > options.max_labels:
+        raise InvalidRequest(
+            f"{len(labels)} labels in one request; the limit is {options.max_labels} (MAX_LABELS)"
+        )
+    seen: dict[str, int] = {}
+    out = []
+    for i, value in enumerate(labels):
+        label = check_string(value, f"labels[{i}]", max_chars=MAX_LABEL_CHARS).strip()
+        key = label.casefold()
+        if key in seen:
+            raise InvalidRequest(
+                f"'labels[{i}]' ({label!r}) repeats 'labels[{seen[key]}]'; labels must be unique"
+            )
+        seen[key] = i
+        out.append(label)
+    return out
+
+
+def parse_descriptions(body: Mapping[str, Any], labels: list[str]) -> dict[str, str]:
+    raw = body.get("descriptions", {})
+    if not isinstance(raw, dict):
+        raise InvalidRequest(
+            f"'descriptions' must be an object of label to text, not {json_type(raw)}"
+        )
+    known = set(labels)
+    descriptions = {}
+    for key, value in raw.items():
+        label = key.strip()
+        if label not in known:
+            raise InvalidRequest(
+                f"'descriptions' has {key!r}, which is not in 'labels'; describe only those"
+            )
+        descriptions[label] = check_string(
+            value, f"descriptions.{key}", max_chars=MAX_DESCRIPTION_CHARS
+        ).strip()
+    return descriptions
+
+
+def parse_template(body: Mapping[str, Any]) -> str:
+    if "template" not in body:
+        return options.zero_shot_template
+    template = check_string(body["template"], "template", max_chars=200)
+    if template.count("{label}") != 1:
+        raise InvalidRequest("'template' must contain '{label}' exactly once")
+    return template
+
+
+def parse_multi_label(body: Mapping[str, Any]) -> bool:
+    value = body.get("multi_label", False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'multi_label' must be true or false, not {json_type(value)}")
+    return value
+
+
+def fine_tuned(
+    model: TextClassifier, texts: list[str], labels: list[str] | None
+) -> list[Prediction]:
+    """The model's probabilities; with ``labels``, renormalised over just those labels."""
+    if labels is not None:
+        unknown = [label for label in labels if label not in model.labels]
+        if unknown:
+            raise InvalidRequest(
+                f"this model does not know the labels {unknown}; its labels are {model.labels}"
+            )
+    probs, truncated = model.probabilities(texts)
+    keep = labels or model.labels
+    columns = [model.labels.index(label) for label in keep]
+    results = []
+    for row, cut in zip(probs, truncated, strict=True):
+        picked = [row[c] for c in columns]
+        total = sum(picked) or 1.0
+        results.append(Prediction(rank(keep, [p / total for p in picked]), truncated=cut))
+    return results
+
+
+@service.post(
+    "/v1/classify",
+    summary="Classify one text or a batch of texts.",
+    request_schema=_request_schema(),
+    response_schema=RESPONSE_SCHEMA,
+    request_example={
+        "text": "I was charged twice for my subscription this month.",
+        "labels": ["billing", "bug report", "feature request"],
+        "descriptions": {"billing": "questions about invoices, charges and payments"},
+    }
+    if ZERO_SHOT
+    else {"texts": ["I was charged twice for my subscription this month."]},
+)
+def classify_texts(body: Any) -> dict[str, Any]:
+    request = require_object(body, allowed=FIELDS)
+    texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
+    labels = parse_labels(request, required=zero_shot is not None)
+    multi_label = parse_multi_label(request)
+    if zero_shot is not None:
+        assert labels is not None
+        predictions = zero_shot.classify(
+            texts,
+            labels,
+            descriptions=parse_descriptions(request, labels),
+            template=parse_template(request),
+            multi_label=multi_label,
+            threshold=options.multi_label_threshold,
+        )
+    else:
+        for field in ("descriptions", "template", "multi_label"):
+            if field in request and request[field] is not False:
+                raise InvalidRequest(
+                    f"'{field}' applies to zero-shot models only; this deployment serves a "
+                    f"fine-tuned classifier with the labels {service.model.labels}"
+                )
+        assert isinstance(service.model, TextClassifier)
+        predictions = fine_tuned(service.model, texts, labels)
+    return {
+        "model": service.model.identity.to_json(),
+        "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
+        "multi_label": multi_label,
+        "results": [p.to_json() for p in predictions],
+    }
+
+
+@functions_framework.http
+def classify(request: flask.Request) -> flask.Response:
+    return service(request)
