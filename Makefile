@@ -72,7 +72,8 @@ train: $(RUNTIME_STAMP)  ## Fine-tune a classifier: make train DATA=tickets.json
 serve: model  ## Serve sentiment on :$(PORT) and classify on :$(CLASSIFY_PORT) (gunicorn via functions-framework).
 	@echo "sentiment: http://localhost:$(PORT)/v1/analyze/sentiment"
 	@echo "classify:  http://localhost:$(CLASSIFY_PORT)/v1/classify   (Ctrl-C stops both)"
-	export HF_HUB_OFFLINE=1 WORKERS=1 THREADS=$${THREADS:-8}; trap 'kill 0' EXIT; \
+	export HF_HUB_OFFLINE=1 WORKERS=1 THREADS=$${THREADS:-8}; \
+	trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT; \
 	MODEL_DIR=$(SENTIMENT_MODEL_DIR) $(VENV)/bin/functions-framework --target sentiment \
 		--source functions/sentiment/main.py --port $(PORT) & \
 	MODEL_DIR=$(CLASSIFY_MODEL_DIR) $(VENV)/bin/functions-framework --target classify \
@@ -94,5 +95,6 @@ fmt: $(DEV_STAMP)  ## Format the code with ruff.
 clean:  ## Remove the virtualenv and prepared models (downloads stay in ~/.cache/aifn).
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
 
-bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py).
-	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency.json
+bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
+	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json
+	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function classify --json bench/results/latency-classify.json

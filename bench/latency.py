@@ -3,10 +3,12 @@
 Starts ``functions-framework`` (gunicorn, as ``make serve`` does) and measures:
 
 * cold start: process start -> first successful prediction (model load and warm-up included);
-* single-request latency: N sequential requests, one client, for a short (~12 words) and a long
-  (~60 words) text and an 8-text batch; p50 / p90 / p99 as the client sees them.
+* single-request latency: N sequential requests, one client; p50 / p90 / p99 as the client sees
+  them. Sentiment: a short (~12 words) and a long (~60 words) text and an 8-text batch. Classify
+  (zero-shot): one ticket against 5 labels with the label cache warm (the same labels every time)
+  and cold (a new template each request, so all 5 label prompts are embedded again), and a batch.
 
-Usage: ``python bench/latency.py [--function sentiment] [--requests 200] [--json out.json]``.
+Usage: ``python bench/latency.py [--function sentiment|classify] [--requests 200] [--json F]``.
 The machine is shared and noisy: compare figures from one run, not across runs.
 """
 
@@ -27,7 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-PAYLOADS = {
+TICKET = "I was charged twice for my subscription this month, please refund one payment."
+LABELS = ["billing", "bug report", "feature request", "account access", "shipping"]
+SENTIMENT = {
     "short text": {"text": "The support team answered quickly and solved my problem."},
     "long text": {
         "text": (
@@ -41,7 +45,26 @@ PAYLOADS = {
         "texts": [f"Review {i}: the product was fine, nothing special." for i in range(8)]
     },
 }
-ENDPOINTS = {"sentiment": "/v1/analyze/sentiment"}
+CLASSIFY = {
+    "1 text, 5 labels, label cache warm": {"text": TICKET, "labels": LABELS},
+    # {n} is replaced by the request's number: every request brings 5 label prompts never seen.
+    "1 text, 5 labels, label cache cold": {
+        "text": TICKET,
+        "labels": LABELS,
+        "template": "Request {n} is about {label}.",
+    },
+    "batch of 8, 5 labels, cache warm": {"texts": [TICKET] * 8, "labels": LABELS},
+}
+PAYLOADS = {"sentiment": SENTIMENT, "classify": CLASSIFY}
+ENDPOINTS = {"sentiment": "/v1/analyze/sentiment", "classify": "/v1/classify"}
+_counter = iter(range(1 << 62))
+
+
+def _fresh(payload: dict[str, object]) -> dict[str, object]:
+    template = payload.get("template")
+    if isinstance(template, str):
+        return {**payload, "template": template.replace("{n}", str(next(_counter)))}
+    return payload
 
 
 def _free_port() -> int:
@@ -51,7 +74,7 @@ def _free_port() -> int:
 
 
 def _post(url: str, payload: dict[str, object]) -> float:
-    data = json.dumps(payload).encode()
+    data = json.dumps(_fresh(payload)).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -95,14 +118,14 @@ def main() -> int:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}")
             try:
-                _post(url, PAYLOADS["short text"])
+                _post(url, next(iter(PAYLOADS[args.function].values())))
                 break
             except OSError:
                 time.sleep(0.02)
         cold = time.perf_counter() - started
 
         results: dict[str, dict[str, float]] = {}
-        for name, payload in PAYLOADS.items():
+        for name, payload in PAYLOADS[args.function].items():
             for _ in range(5):
                 _post(url, payload)
             samples = [_post(url, payload) for _ in range(args.requests)]

@@ -85,7 +85,7 @@ def _request_schema() -> dict[str, Any]:
             },
             "template": {
                 "type": "string",
-                "pattern": "\\{label\\}",
+                "pattern": "^(?!.*\\{label\\}.*\\{label\\}).*\\{label\\}",
                 "maxLength": 200,
                 "description": "Zero-shot only: phrasing for labels without a description, "
                 f"with `{{label}}` once (default `{options.zero_shot_template}`).",
@@ -138,33 +138,39 @@ def parse_labels(body: Mapping[str, Any], *, required: bool) -> list[str] | None
             f"{len(labels)} labels in one request; the limit is {options.max_labels} (MAX_LABELS)"
         )
     seen: dict[str, int] = {}
-    out = []
     for i, value in enumerate(labels):
-        label = check_string(value, f"labels[{i}]", max_chars=MAX_LABEL_CHARS).strip()
-        key = label.casefold()
+        key = _label_key(check_string(value, f"labels[{i}]", max_chars=MAX_LABEL_CHARS))
         if key in seen:
             raise InvalidRequest(
-                f"'labels[{i}]' ({label!r}) repeats 'labels[{seen[key]}]'; labels must be unique"
+                f"'labels[{i}]' ({value!r}) repeats 'labels[{seen[key]}]'; labels must be unique "
+                "(ignoring case and surrounding spaces)"
             )
         seen[key] = i
-        out.append(label)
-    return out
+    return list(labels)
+
+
+def _label_key(label: str) -> str:
+    """Labels that differ only in case or surrounding spaces are the same label."""
+    return label.strip().casefold()
 
 
 def parse_descriptions(body: Mapping[str, Any], labels: list[str]) -> dict[str, str]:
+    """Descriptions keyed by the label as given in ``labels`` (keys match it like labels do)."""
     raw = body.get("descriptions", {})
     if not isinstance(raw, dict):
         raise InvalidRequest(
             f"'descriptions' must be an object of label to text, not {json_type(raw)}"
         )
-    known = set(labels)
-    descriptions = {}
+    by_key = {_label_key(label): label for label in labels}
+    descriptions: dict[str, str] = {}
     for key, value in raw.items():
-        label = key.strip()
-        if label not in known:
+        label = by_key.get(_label_key(key))
+        if label is None:
             raise InvalidRequest(
                 f"'descriptions' has {key!r}, which is not in 'labels'; describe only those"
             )
+        if label in descriptions:
+            raise InvalidRequest(f"'descriptions' describes {label!r} twice")
         descriptions[label] = check_string(
             value, f"descriptions.{key}", max_chars=MAX_DESCRIPTION_CHARS
         ).strip()
@@ -216,7 +222,9 @@ def fine_tuned(
     request_example={
         "text": "I was charged twice for my subscription this month.",
         "labels": ["billing", "bug report", "feature request"],
-        "descriptions": {"billing": "questions about invoices, charges and payments"},
+        "descriptions": {
+            "billing": "A question about money: a charge, payment, card, invoice, refund or price."
+        },
     }
     if ZERO_SHOT
     else {"texts": ["I was charged twice for my subscription this month."]},

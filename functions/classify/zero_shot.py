@@ -53,8 +53,9 @@ class LabelCache:
                 if vector is not None:
                     self._vectors.move_to_end(prompt)
                     found[prompt] = vector
-            missing = [p for p in dict.fromkeys(prompts) if p not in found]
-            self.hits += len(prompts) - len(missing)
+            unique = list(dict.fromkeys(prompts))
+            missing = [p for p in unique if p not in found]
+            self.hits += len(unique) - len(missing)
             self.misses += len(missing)
         if missing:
             # Outside the cache lock: two threads may embed the same new prompt at once, which
@@ -72,7 +73,9 @@ class LabelCache:
 
 def prompts(labels: Sequence[str], descriptions: Mapping[str, str], template: str) -> list[str]:
     """The text each label is embedded as: its description, else the label in the template."""
-    return [descriptions.get(label) or template.replace("{label}", label) for label in labels]
+    return [
+        descriptions.get(label) or template.replace("{label}", label.strip()) for label in labels
+    ]
 
 
 def scores(similarity: torch.Tensor, *, multi_label: bool) -> torch.Tensor:
@@ -107,6 +110,9 @@ class ZeroShotClassifier:
         results = []
         for row, cut in zip(table, truncated, strict=True):
             ranked = rank(labels, row)
-            matches = [lbl for lbl, s in ranked if s >= threshold] if multi_label else None
+            # Compared as shown in the response (6 decimals), so `matches` agrees with the scores.
+            matches = (
+                [lbl for lbl, s in ranked if round(s, 6) >= threshold] if multi_label else None
+            )
             results.append(Prediction(labels=ranked, truncated=cut, matches=matches))
         return results

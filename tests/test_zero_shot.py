@@ -1,0 +1,116 @@
+"""Zero-shot scoring, the label cache, and the default classify model's recorded figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aifn import model_source
+from aifn.model import BUILD_INFO, TextEncoder
+
+from .conftest import REPO
+
+CLASSIFY = REPO / "functions" / "classify"
+CLASSIFY_MODEL = REPO / "models" / "classify"
+
+sys.path.insert(0, str(CLASSIFY))
+import zero_shot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    if not (CLASSIFY_MODEL / "config.json").is_file():
+        pytest.fail(f"{CLASSIFY_MODEL} is not prepared: run `make model` (make test does)")
+    return TextEncoder.load(CLASSIFY_MODEL, max_tokens=64, batch_size=8, threads=2)
+
+
+def test_single_label_scores_are_a_distribution_that_keeps_the_order() -> None:
+    similarity = torch.tensor([[0.30, 0.10, 0.05], [0.02, 0.01, 0.00]])
+    scores = zero_shot.scores(similarity, multi_label=False)
+    assert scores.sum(dim=-1).tolist() == pytest.approx([1.0, 1.0])
+    assert scores.argmax(dim=-1).tolist() == [0, 0]
+    # Small cosine gaps still separate: 0.2 apart is a confident answer.
+    assert scores[0, 0] > 0.99
+
+
+def test_multi_label_scores_are_independent_with_the_midpoint_at_one_half() -> None:
+    similarity = torch.tensor([[zero_shot.MIDPOINT, 0.5, -0.2]])
+    scores = zero_shot.scores(similarity, multi_label=True)[0].tolist()
+    assert scores[0] == pytest.approx(0.5)
+    assert scores[1] > 0.99
+    assert scores[2] < 0.01
+    # Adding a label changes no other label's score.
+    wider = zero_shot.scores(torch.tensor([[zero_shot.MIDPOINT, 0.5, -0.2, 0.4]]), multi_label=True)
+    assert wider[0, :3].tolist() == pytest.approx(scores)
+
+
+def test_prompts_use_descriptions_then_the_template() -> None:
+    assert zero_shot.prompts(
+        ["billing", "bug"], {"billing": "Invoices and payments."}, "About {label}."
+    ) == ["Invoices and payments.", "About bug."]
+
+
+def test_label_cache_embeds_each_prompt_once_and_evicts_least_recent(encoder: TextEncoder) -> None:
+    cache = zero_shot.LabelCache(encoder, capacity=2)
+    first = cache.embeddings(["sport", "politics"])
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
+    again = cache.embeddings(["politics", "sport"])
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert torch.equal(again, first.flip(0))
+    cache.embeddings(["sport"])  # politics is now the least recently used
+    cache.embeddings(["music"])
+    assert len(cache) == 2
+    cache.embeddings(["sport"])
+    assert cache.misses == 3
+    cache.embeddings(["politics"])
+    assert cache.misses == 4
+    # A cached vector is the encoder's own answer.
+    direct, _ = encoder.embed(["sport"])
+    assert torch.allclose(cache.embeddings(["sport"])[0], direct[0], atol=1e-6)
+
+
+def test_embeddings_are_unit_length_and_similar_texts_are_closer(encoder: TextEncoder) -> None:
+    vectors, truncated = encoder.embed(
+        ["The match ended in a draw.", "The game finished level.", "Parliament passed the law."]
+    )
+    assert truncated == [False, False, False]
+    assert vectors.norm(dim=-1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+def test_long_text_is_reported_truncated(encoder: TextEncoder) -> None:
+    _, truncated = encoder.embed(["word " * 200, "short"])
+    assert truncated == [True, False]
+
+
+def test_default_model_is_current_and_meets_the_bbc_bar() -> None:
+    """`make model` built models/classify from the current recipe, and its card's figures hold."""
+    recipe = model_source.load_recipe(CLASSIFY / "recipe.py")
+    info = json.loads((CLASSIFY_MODEL / BUILD_INFO).read_text())
+    assert info["fingerprint"] == json.loads(
+        json.dumps({"kind": "recipe", **recipe.fingerprint()})
+    ), "models/classify is stale: run `make model`"
+    test = info["metrics"]["bbc_test"]
+    assert test["n"] == 500
+    assert test["descriptions"]["accuracy"] >= 0.85
+    # Descriptions help: bare names and the template are reported, and are lower.
+    assert test["bare_labels"]["accuracy"] < test["template"]["accuracy"]
+    assert test["template"]["accuracy"] < test["descriptions"]["accuracy"]
+    card = (CLASSIFY_MODEL / "README.md").read_text()
+    assert f"| label descriptions | {test['descriptions']['accuracy']:.3f} |" in card
+
+
+def test_model_source_refuses_an_encoder_with_other_pooling(tmp_path: Path) -> None:
+    from aifn.errors import ConfigError
+    from aifn.model import check_model_dir
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).symlink_to(CLASSIFY_MODEL / name)
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    with pytest.raises(ConfigError, match="does not use mean pooling"):
+        check_model_dir(tmp_path)
