@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from aifn.errors import ERROR_TYPES, ConfigError, errors_table
-from aifn.settings import Settings, documented_settings, settings_table
+from aifn.settings import Settings, documented_settings, read_env, settings_table
 
 from .conftest import REPO
 
@@ -89,6 +90,32 @@ def test_readme_configuration_table_matches_the_code() -> None:
     assert settings_table() in README, (
         "README's configuration table is stale: paste settings_table()"
     )
+
+
+def test_readme_classify_settings_table_matches_the_code() -> None:
+    sys.path.insert(0, str(REPO / "functions" / "classify"))
+    from classify_settings import ClassifySettings
+
+    assert settings_table(ClassifySettings) in README, (
+        "README's classify settings table is stale: paste settings_table(ClassifySettings)"
+    )
+
+
+def test_classify_settings_are_validated() -> None:
+    sys.path.insert(0, str(REPO / "functions" / "classify"))
+    from classify_settings import ClassifySettings
+
+    s = read_env(ClassifySettings, {"MAX_LABELS": "7", "ZERO_SHOT_TEMPLATE": "Topic: {label}"})
+    assert (s.max_labels, s.zero_shot_template) == (7, "Topic: {label}")
+    assert read_env(ClassifySettings, {}).multi_label_threshold == 0.5
+    for var, value in [
+        ("MAX_LABELS", "1"),
+        ("ZERO_SHOT_TEMPLATE", "no placeholder"),
+        ("MULTI_LABEL_THRESHOLD", "1.5"),
+        ("LABEL_CACHE_SIZE", "0"),
+    ]:
+        with pytest.raises(ConfigError, match=var):
+            read_env(ClassifySettings, {var: value})
 
 
 def test_readme_error_table_matches_the_code() -> None:

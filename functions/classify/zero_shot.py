@@ -44,8 +44,8 @@ class LabelCache:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """A ``(len(prompts), dim)`` tensor; only prompts not cached reach the model."""
+    def lookup(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(cached vectors by prompt, prompts not cached), counting each distinct prompt once."""
         found: dict[str, torch.Tensor] = {}
         with self._lock:
             for prompt in prompts:
@@ -53,21 +53,27 @@ class LabelCache:
                 if vector is not None:
                     self._vectors.move_to_end(prompt)
                     found[prompt] = vector
-            unique = list(dict.fromkeys(prompts))
-            missing = [p for p in unique if p not in found]
-            self.hits += len(unique) - len(missing)
+            missing = [p for p in dict.fromkeys(prompts) if p not in found]
+            self.hits += len(found)
             self.misses += len(missing)
+        return found, missing
+
+    def store(self, prompts: Sequence[str], vectors: torch.Tensor) -> None:
+        with self._lock:
+            for prompt, vector in zip(prompts, vectors, strict=True):
+                # A copy: a row of a batch tensor would keep the whole batch alive in the cache.
+                self._vectors[prompt] = vector.clone()
+                self._vectors.move_to_end(prompt)
+            while len(self._vectors) > self._capacity:
+                self._vectors.popitem(last=False)
+
+    def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """A ``(len(prompts), dim)`` tensor; only prompts not cached reach the model."""
+        found, missing = self.lookup(prompts)
         if missing:
-            # Outside the cache lock: two threads may embed the same new prompt at once, which
-            # costs a little work but never blocks cache hits behind a model call.
             vectors, _ = self._encoder.embed(missing)
-            with self._lock:
-                for prompt, vector in zip(missing, vectors, strict=True):
-                    found[prompt] = vector
-                    self._vectors[prompt] = vector
-                    self._vectors.move_to_end(prompt)
-                while len(self._vectors) > self._capacity:
-                    self._vectors.popitem(last=False)
+            self.store(missing, vectors)
+            found.update(zip(missing, vectors, strict=True))
         return torch.stack([found[p] for p in prompts])
 
 
@@ -102,8 +108,15 @@ class ZeroShotClassifier:
         multi_label: bool,
         threshold: float,
     ) -> list[Prediction]:
-        label_vectors = self.label_cache.embeddings(prompts(labels, descriptions, template))
-        text_vectors, truncated = self.encoder.embed(texts)
+        label_prompts = prompts(labels, descriptions, template)
+        found, missing = self.label_cache.lookup(label_prompts)
+        # New label prompts ride in the same model call as the texts: one pass, not two.
+        vectors, truncated = self.encoder.embed([*missing, *texts])
+        if missing:
+            self.label_cache.store(missing, vectors[: len(missing)])
+            found.update(zip(missing, vectors[: len(missing)], strict=True))
+        label_vectors = torch.stack([found[p] for p in label_prompts])
+        text_vectors, truncated = vectors[len(missing) :], truncated[len(missing) :]
         table: list[list[float]] = scores(
             text_vectors @ label_vectors.T, multi_label=multi_label
         ).tolist()
