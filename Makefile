@@ -83,10 +83,12 @@ serve: model  ## Serve sentiment on :$(PORT) and classify on :$(CLASSIFY_PORT) (
 test: $(DEV_STAMP) model  ## Run the whole test suite (unit, integration, HTTP, storage emulator).
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy on common/.
+lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ and each function.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	@# One run per function: each folder is its own top-level import root (main, recipe, ...).
+	for f in functions/*/; do MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
 
 fmt: $(DEV_STAMP)  ## Format the code with ruff.
 	$(VENV)/bin/ruff check --fix .

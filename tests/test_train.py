@@ -78,7 +78,7 @@ def test_training_writes_a_classifier_with_a_model_card(small_model: Path) -> No
     assert metrics["train_n"] + metrics["test_n"] == 120
     assert 0 < metrics["test_n"] < 30  # about one text in ten is held out
     card = (small_model / "README.md").read_text()
-    assert "aifn-classify-news" in card
+    assert "# news\n" in card  # named after the --dest directory
     assert f"Accuracy **{metrics['accuracy']:.3f}**" in card
 
 
@@ -235,7 +235,7 @@ def test_bbc_fine_tune_reaches_the_bar(
     bbc.write_jsonl(tmp_path / "train.jsonl", dev)
     bbc.write_jsonl(tmp_path / "test.jsonl", test)
     args = ["--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "test.jsonl")]
-    assert train.main([*args, "--dest", str(BBC_MODEL), "--name", "aifn-classify-bbc"]) == 0
+    assert train.main([*args, "--dest", str(BBC_MODEL)]) == 0
     metrics = json.loads((BBC_MODEL / BUILD_INFO).read_text())["metrics"]
     assert metrics["test_n"] == 500
     assert metrics["train_n"] == 1725

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aifn.settings import positive_int, setting, unit_interval
+from aifn.settings import int_at_least, positive_int, setting, unit_interval
 
 DEFAULT_TEMPLATE = "This is about {label}."
 
@@ -13,13 +13,6 @@ def _template(raw: str) -> str:
     if raw.count("{label}") != 1:
         raise ValueError("must contain '{label}' exactly once")
     return raw
-
-
-def _at_least_two(raw: str) -> int:
-    value = positive_int(raw)
-    if value < 2:
-        raise ValueError("must be at least 2")
-    return value
 
 
 @dataclass(frozen=True)
@@ -31,7 +24,7 @@ class ClassifySettings:
         "Most labels in one classify request; more get 422 `invalid_request`. Each label costs "
         "one embedding (once, then cached) and one score per text.",
         50,
-        parse=_at_least_two,
+        parse=int_at_least(2),
     )
     label_cache_size: int = setting(
         "LABEL_CACHE_SIZE",

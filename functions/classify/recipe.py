@@ -29,12 +29,7 @@ NAME = "aifn-zero-shot-minilm"
 DESCRIPTION_BAR = 0.85
 # Files of the packaged encoder that the served model needs (not its training metadata).
 FILES = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
+    *aifn_model.IDENTITY_FILES,
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
@@ -119,7 +114,7 @@ def build(dest: Path) -> dict[str, Any]:
         dest, max_tokens=MAX_TOKENS, batch_size=32, threads=os.cpu_count() or 1
     )
     _, test = bbc.split(bbc.load())
-    metrics = {
+    metrics: dict[str, Any] = {
         "bbc_test": evaluate(encoder, test),
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

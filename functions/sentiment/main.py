@@ -5,12 +5,13 @@ Entry point ``sentiment`` (functions-framework HTTP target). Endpoints:
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flask
 import functions_framework
 
 from aifn import runtime
+from aifn.model import TextClassifier
 from aifn.openapi import ref
 from aifn.validation import parse_texts, require_object
 
@@ -25,6 +26,9 @@ service = runtime.start(
     ),
 )
 
+# start() loads only classifiers by default (kinds=(CLASSIFIER,)), never an encoder.
+model = cast(TextClassifier, service.model)
+
 
 @service.post(
     "/v1/analyze/sentiment",
@@ -38,7 +42,7 @@ def analyze(body: Any) -> dict[str, Any]:
         require_object(body, allowed={"text", "texts"}),
         max_texts=service.settings.max_batch_texts,
     )
-    predictions = service.model.predict(request.texts)
+    predictions = model.predict(request.texts)
     return {
         "model": service.model.identity.to_json(),
         "results": [p.to_json() for p in predictions],

@@ -8,6 +8,7 @@ the port opens, and never from the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # Files that define a model's behaviour; their bytes make up its revision hash.
-_IDENTITY_FILES = (
+IDENTITY_FILES = (
     "config.json",
     "model.safetensors",
     "tokenizer.json",
@@ -155,7 +156,7 @@ def hash_files(root: Path, files: Iterable[Path]) -> str:
 
 def content_hash(path: Path) -> str:
     """SHA-256 over the files that define the model, as ``sha256:<first 16 hex digits>``."""
-    files = [path / name for name in _IDENTITY_FILES if (path / name).is_file()]
+    files = [path / name for name in IDENTITY_FILES if (path / name).is_file()]
     return f"sha256:{hash_files(path, files)[:16]}"
 
 
@@ -329,23 +330,11 @@ class TextClassifier(_TransformerModel):
 
     kind = CLASSIFIER
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        identity: ModelIdentity,
-        *,
-        max_tokens: int,
-        batch_size: int,
-    ) -> None:
-        super().__init__(model, tokenizer, identity, max_tokens=max_tokens, batch_size=batch_size)
-        self._labels: list[str] = [
-            model.config.id2label[i] for i in range(len(model.config.id2label))
-        ]
-
-    @property
+    @functools.cached_property
     def labels(self) -> list[str]:
-        return list(self._labels)
+        """The model's labels, in id order (its ``config.id2label``)."""
+        id2label = self._model.config.id2label
+        return [id2label[i] for i in range(len(id2label))]
 
     @staticmethod
     def _auto_class() -> Any:
@@ -361,7 +350,7 @@ class TextClassifier(_TransformerModel):
         """Classify every text; results are in input order."""
         probs, truncated = self.probabilities(texts)
         return [
-            Prediction(labels=rank(self._labels, p), truncated=t)
+            Prediction(labels=rank(self.labels, p), truncated=t)
             for p, t in zip(probs, truncated, strict=True)
         ]
 

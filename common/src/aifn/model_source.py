@@ -268,6 +268,13 @@ def build_cached(
     return {**info, "cached": False}
 
 
+def quiet_library_progress_bars() -> None:
+    """Keep the log to our own progress bar: no per-file bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aifn.model_source", description=__doc__.split("\n\n")[0]
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", required=True, type=Path, help="model directory to prepare")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
+    quiet_library_progress_bars()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         info = prepare(args.source, args.dest, force=args.force)

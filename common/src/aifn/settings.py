@@ -40,11 +40,16 @@ def positive_int(raw: str) -> int:
     return value
 
 
-def _token_count(raw: str) -> int:
-    value = positive_int(raw)
-    if value < 8:
-        raise ValueError("must be at least 8 tokens")
-    return value
+def int_at_least(minimum: int, unit: str = "") -> Callable[[str], int]:
+    """A parser for whole numbers no smaller than ``minimum`` (``unit`` names them in errors)."""
+
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}{' ' + unit if unit else ''}")
+        return value
+
+    return parse
 
 
 def _log_level(raw: str) -> str:
@@ -118,7 +123,7 @@ class Settings:
         "Texts longer than this many tokens are truncated (and the result says `truncated: true`). "
         "Capped by the model's own limit. Cost grows with it.",
         256,
-        parse=_token_count,
+        parse=int_at_least(8, "tokens"),
     )
     inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",

@@ -193,7 +193,7 @@ def _base_model_dir() -> Path:
 
 
 def fingerprint(
-    data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
+    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
 ) -> dict[str, Any]:
     """Everything the trained model depends on; the same fingerprint means the same model."""
     import torch
@@ -204,6 +204,7 @@ def fingerprint(
 
     return {
         "kind": "train",
+        "name": name,
         "data_sha256": data.sha256,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
         "base_model_sha256": sha(base / "model.safetensors"),
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="labelled .jsonl or .csv, local or gs://")
     parser.add_argument("--dest", required=True, type=Path, help="model directory to write")
     parser.add_argument("--eval-data", help="separate test file (default: hold out 1 in 10)")
-    parser.add_argument("--name", help="model name (default: aifn-classify-<data file stem>)")
+    parser.add_argument("--name", help="model name (default: the --dest directory's name)")
     parser.add_argument("--text-column", default="text", help="text field/column (text)")
     parser.add_argument("--label-column", default="label", help="label field/column (label)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_CONFIG.epochs)
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aifn import model_source
 
+    model_source.quiet_library_progress_bars()
     config = replace(
         DEFAULT_CONFIG,
         epochs=args.epochs,
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     base = args.base or _base_model_dir()
-    name = args.name or f"aifn-classify-{Path(args.data).stem}"
+    name = args.name or args.dest.resolve().name
     try:
         with tempfile.TemporaryDirectory() as workdir:
             columns = {"text_key": args.text_column, "label_key": args.label_column}
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dest,
                 name=name,
                 source=f"train:{args.data}",
-                fingerprint=fingerprint(data, eval_data, base, config),
+                fingerprint=fingerprint(name, data, eval_data, base, config),
                 build=lambda tmp: build(
                     tmp, name=name, data=data, eval_data=eval_data, base=base, config=config
                 ),
