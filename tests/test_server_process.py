@@ -239,3 +239,31 @@ def test_an_invalid_setting_stops_startup(sentiment_model_dir: Path) -> None:
     )
     assert result.returncode != 0
     assert "MAX_BATCH_TEXTS='zero' is invalid" in result.stderr
+
+
+def _start_fails(target: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "functions-framework"),
+            f"--target={target}",
+            f"--source={REPO / 'functions' / target / 'main.py'}",
+            f"--port={free_port()}",
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    return result.stderr + result.stdout
+
+
+def test_sentiment_refuses_an_encoder_model() -> None:
+    out = _start_fails("sentiment", {"MODEL_DIR": str(REPO / "models" / "classify")})
+    assert "holds an encoder model; this function serves classifier models" in out
+
+
+def test_classify_refuses_an_invalid_setting_of_its_own() -> None:
+    out = _start_fails("classify", {"MAX_LABELS": "1"})
+    assert "classify: configuration error: MAX_LABELS='1' is invalid: must be at least 2" in out

@@ -225,7 +225,9 @@ class _TransformerModel:
         config = check_model_dir(path)
         if model_kind(config) != cls.kind:
             raise ConfigError(
-                f"{path} holds a {model_kind(config)} model, but a {cls.kind} is needed here"
+                f"{path} holds an {model_kind(config)} model, but this needs a {cls.kind}"
+                if model_kind(config) == ENCODER
+                else f"{path} holds a classifier model, but this needs an encoder"
             )
         started = time.perf_counter()
 
@@ -411,7 +413,8 @@ def load_model(
     kind = model_kind(check_model_dir(path))
     if kind not in kinds:
         raise ConfigError(
-            f"{path} holds a {kind} model; this function serves {' or '.join(kinds)} models"
+            f"{path} holds {'an encoder' if kind == ENCODER else 'a classifier'} model; this "
+            f"function serves {' or '.join(kinds)} models"
         )
     cls: type[TextClassifier | TextEncoder] = TextClassifier if kind == CLASSIFIER else TextEncoder
     return cls.load(path, max_tokens=max_tokens, batch_size=batch_size, threads=threads)
