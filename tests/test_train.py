@@ -241,3 +241,12 @@ def test_bbc_fine_tune_reaches_the_bar(
     assert metrics["train_n"] == 1725
     assert metrics["accuracy"] >= 0.95
     assert metrics["train_seconds"] <= 600
+
+
+def test_openapi_document_names_the_model_labels(client: Any) -> None:
+    doc = client.get("/openapi.json").get_json()
+    schema = doc["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert schema["required"] == []
+    assert schema["properties"]["labels"]["items"]["enum"] == TOPICS

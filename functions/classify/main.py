@@ -38,16 +38,18 @@ service = runtime.start(
     ),
     kinds=(ENCODER, CLASSIFIER),
 )
-ZERO_SHOT = isinstance(service.model, TextEncoder)
 zero_shot = (
     ZeroShotClassifier(service.model, cache_size=options.label_cache_size)
     if isinstance(service.model, TextEncoder)
     else None
 )
+ZERO_SHOT = zero_shot is not None
 
 
 def _request_schema() -> dict[str, Any]:
-    label = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
+    label: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
+    if not ZERO_SHOT:
+        label["enum"] = service.model.labels
     return {
         "type": "object",
         "description": "Exactly one of `text` or `texts`"
