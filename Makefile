@@ -31,7 +31,7 @@ TRAIN_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model train venv dev clean bench
+.PHONY: help serve test lint fmt model train venv dev clean bench bench-cache services
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -80,7 +80,17 @@ serve: model  ## Serve sentiment on :$(PORT) and classify on :$(CLASSIFY_PORT) (
 		--source functions/classify/main.py --port $(CLASSIFY_PORT) & \
 	wait -n
 
-test: $(DEV_STAMP) model  ## Run the whole test suite (unit, integration, HTTP, storage emulator).
+# The suite starts its own redis-server processes; install the binary if it is missing.
+services:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "the tests need redis-server: sudo apt-get install redis-server (or brew install redis)"; exit 1; \
+	  fi; }
+
+test: $(DEV_STAMP) model services  ## Run the whole test suite (unit, integration, HTTP, Redis, storage emulator).
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ and each function.
@@ -100,3 +110,6 @@ clean:  ## Remove the virtualenv and prepared models (downloads stay in ~/.cache
 bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function classify --json bench/results/latency-classify.json
+
+bench-cache: model services  ## Prediction cache: hit vs miss, in-process vs Redis vs none (bench/cache.py).
+	HF_HUB_OFFLINE=1 $(PY) bench/cache.py --json bench/results/cache.json

@@ -60,6 +60,9 @@ def app_and_zero_shot(classify_model_dir: Path) -> tuple[Any, Any]:
     os.environ["MAX_BATCH_TEXTS"] = "16"
     os.environ["MAX_BODY_BYTES"] = "65536"
     os.environ["MAX_LABELS"] = str(MAX_LABELS)
+    # The label cache is observed on its own: no prediction cache in front of it (the
+    # prediction cache has its own tests).
+    os.environ["CACHE_MAX_ENTRIES"] = "0"
     try:
         app = functions_framework.create_app(
             target="classify", source=str(REPO / "functions" / "classify" / "main.py")

@@ -38,6 +38,15 @@ def test_every_variable_is_read() -> None:
         "LOG_LEVEL": "debug",
         "LOG_REQUEST_TEXT": "true",
         "GOOGLE_CLOUD_PROJECT": "my-proj",
+        "CACHE_MAX_ENTRIES": "500",
+        "CACHE_TTL_SECONDS": "60",
+        "REDIS_URL": "rediss://:pw@10.0.0.3:6378/0",
+        "REDIS_HOST": "10.0.0.3",
+        "REDIS_PORT": "6378",
+        "REDIS_AUTH": "auth-string",
+        "REDIS_CA_CERT": "/secrets/ca.pem",
+        "REDIS_TIMEOUT_MS": "100",
+        "REDIS_PROBE_SECONDS": "2.5",
     }
     s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ=env)
     assert s == Settings(
@@ -50,6 +59,15 @@ def test_every_variable_is_read() -> None:
         log_level="DEBUG",
         log_request_text=True,
         google_cloud_project="my-proj",
+        cache_max_entries=500,
+        cache_ttl_seconds=60,
+        redis_url="rediss://:pw@10.0.0.3:6378/0",
+        redis_host="10.0.0.3",
+        redis_port=6378,
+        redis_auth="auth-string",
+        redis_ca_cert="/secrets/ca.pem",
+        redis_timeout_ms=100,
+        redis_probe_seconds=2.5,
     )
     # Every documented variable appears in this test, so a new knob cannot go untested.
     assert {var for var, _, _ in documented_settings()} == set(env)

@@ -114,3 +114,29 @@ def test_model_source_refuses_an_encoder_with_other_pooling(tmp_path: Path) -> N
     (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     with pytest.raises(ConfigError, match="does not use mean pooling"):
         check_model_dir(tmp_path)
+
+
+def test_single_and_multi_label_share_cached_similarities(encoder: TextEncoder) -> None:
+    from aifn.cache import MemoryBackend, PredictionCache
+
+    cache = PredictionCache(MemoryBackend(100), namespace="classify:sha256:test", ttl=60)
+    classifier = zero_shot.ZeroShotClassifier(encoder, cache_size=16)
+    args: dict = {"descriptions": {}, "template": "This is about {label}.", "threshold": 0.5}
+    labels = ["sport", "politics"]
+    single = classifier.classify(
+        ["The match ended 2-1."], labels, multi_label=False, cache=cache, **args
+    )
+    misses = classifier.label_cache.misses
+    multi = classifier.classify(
+        ["The match ended 2-1."], labels, multi_label=True, cache=cache, **args
+    )
+    assert single[0].cached is False
+    assert multi[0].cached is True
+    assert classifier.label_cache.misses == misses  # the encoder did not run again
+    assert multi[0].label == single[0].label == "sport"
+    assert multi[0].matches is not None
+    # Other labels are other parameters: a miss.
+    other = classifier.classify(
+        ["The match ended 2-1."], ["sport", "music"], multi_label=False, cache=cache, **args
+    )
+    assert other[0].cached is False

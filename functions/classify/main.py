@@ -205,14 +205,20 @@ def fine_tuned(
             raise InvalidRequest(
                 f"this model does not know the labels {unknown}; its labels are {model.labels}"
             )
-    probs, truncated = model.probabilities(texts)
+    # The cache keeps the model's full distribution; narrowing happens after, so every label
+    # subset shares the same entries.
+    rows = service.cache.get_or_compute(
+        texts, params=None, width=len(model.labels), compute=model.scores
+    )
     keep = labels or model.labels
     columns = [model.labels.index(label) for label in keep]
     results = []
-    for row, cut in zip(probs, truncated, strict=True):
-        picked = [row[c] for c in columns]
+    for row, cached in rows:
+        picked = [row.values[c] for c in columns]
         total = sum(picked) or 1.0
-        results.append(Prediction(rank(keep, [p / total for p in picked]), truncated=cut))
+        results.append(
+            Prediction(rank(keep, [p / total for p in picked]), row.truncated, cached=cached)
+        )
     return results
 
 
@@ -245,6 +251,7 @@ def classify_texts(body: Any) -> dict[str, Any]:
             template=parse_template(request),
             multi_label=multi_label,
             threshold=options.multi_label_threshold,
+            cache=service.cache,
         )
     else:
         for field in ("descriptions", "template", "multi_label"):

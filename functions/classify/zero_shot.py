@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from aifn.model import Prediction, TextEncoder, rank
+from aifn.cache import PredictionCache
+from aifn.model import Prediction, Scores, TextEncoder, rank
 
 TEMPERATURE = 0.025
 SLOPE = 18.0
@@ -107,8 +108,34 @@ class ZeroShotClassifier:
         template: str,
         multi_label: bool,
         threshold: float,
+        cache: PredictionCache,
     ) -> list[Prediction]:
+        """Score every text against every label; ``cache`` keeps each text's similarities."""
         label_prompts = prompts(labels, descriptions, template)
+        # The cache keeps cosine similarities, keyed by the label prompts: single- and
+        # multi-label requests over the same labels share entries.
+        rows = cache.get_or_compute(
+            texts,
+            params={"prompts": label_prompts},
+            width=len(label_prompts),
+            compute=lambda missing: self.similarities(missing, label_prompts),
+        )
+        similarity = torch.tensor([s.values for s, _ in rows], dtype=torch.float32)
+        table: list[list[float]] = scores(similarity, multi_label=multi_label).tolist()
+        results = []
+        for row, (sims, cached) in zip(table, rows, strict=True):
+            ranked = rank(labels, row)
+            # Compared as shown in the response (6 decimals), so `matches` agrees with the scores.
+            matches = (
+                [lbl for lbl, s in ranked if round(s, 6) >= threshold] if multi_label else None
+            )
+            results.append(
+                Prediction(labels=ranked, truncated=sims.truncated, matches=matches, cached=cached)
+            )
+        return results
+
+    def similarities(self, texts: Sequence[str], label_prompts: Sequence[str]) -> list[Scores]:
+        """Each text's cosine similarity to each label prompt, and its truncation."""
         found, missing = self.label_cache.lookup(label_prompts)
         # New label prompts ride in the same model call as the texts: one pass, not two.
         vectors, truncated = self.encoder.embed([*missing, *texts])
@@ -116,16 +143,8 @@ class ZeroShotClassifier:
             self.label_cache.store(missing, vectors[: len(missing)])
             found.update(zip(missing, vectors[: len(missing)], strict=True))
         label_vectors = torch.stack([found[p] for p in label_prompts])
-        text_vectors, truncated = vectors[len(missing) :], truncated[len(missing) :]
-        table: list[list[float]] = scores(
-            text_vectors @ label_vectors.T, multi_label=multi_label
-        ).tolist()
-        results = []
-        for row, cut in zip(table, truncated, strict=True):
-            ranked = rank(labels, row)
-            # Compared as shown in the response (6 decimals), so `matches` agrees with the scores.
-            matches = (
-                [lbl for lbl, s in ranked if round(s, 6) >= threshold] if multi_label else None
-            )
-            results.append(Prediction(labels=ranked, truncated=cut, matches=matches))
-        return results
+        table: list[list[float]] = (vectors[len(missing) :] @ label_vectors.T).tolist()
+        return [
+            Scores(tuple(row), cut)
+            for row, cut in zip(table, truncated[len(missing) :], strict=True)
+        ]

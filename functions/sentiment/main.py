@@ -11,7 +11,7 @@ import flask
 import functions_framework
 
 from aifn import runtime
-from aifn.model import TextClassifier
+from aifn.model import Prediction, TextClassifier, rank
 from aifn.openapi import ref
 from aifn.validation import parse_texts, require_object
 
@@ -42,10 +42,15 @@ def analyze(body: Any) -> dict[str, Any]:
         require_object(body, allowed={"text", "texts"}),
         max_texts=service.settings.max_batch_texts,
     )
-    predictions = model.predict(request.texts)
+    rows = service.cache.get_or_compute(
+        request.texts, params=None, width=len(model.labels), compute=model.scores
+    )
     return {
-        "model": service.model.identity.to_json(),
-        "results": [p.to_json() for p in predictions],
+        "model": model.identity.to_json(),
+        "results": [
+            Prediction(rank(model.labels, s.values), s.truncated, cached=cached).to_json()
+            for s, cached in rows
+        ],
     }
 
 

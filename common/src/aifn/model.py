@@ -49,6 +49,14 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """One text's raw scores, one per label in the caller's order, and its truncation."""
+
+    values: tuple[float, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True)
 class Prediction:
     """One text's result: the top label, every label ranked by score, and truncation."""
 
@@ -56,6 +64,8 @@ class Prediction:
     truncated: bool
     # Multi-label results: the labels whose independent score reached the threshold.
     matches: list[str] | None = None
+    # Whether the prediction cache answered (None: no cache was consulted).
+    cached: bool | None = None
 
     @property
     def label(self) -> str:
@@ -74,6 +84,8 @@ class Prediction:
         }
         if self.matches is not None:
             out["matches"] = self.matches
+        if self.cached is not None:
+            out["cached"] = self.cached
         return out
 
 
@@ -347,6 +359,11 @@ class TextClassifier(_TransformerModel):
     def probabilities(self, texts: Sequence[str]) -> tuple[list[list[float]], list[bool]]:
         """Each text's probability per label (in :attr:`labels` order) and its truncation."""
         return self._chunked(texts, self._forward)
+
+    def scores(self, texts: Sequence[str]) -> list[Scores]:
+        """:meth:`probabilities` as one :class:`Scores` per text (what the cache stores)."""
+        probs, truncated = self.probabilities(texts)
+        return [Scores(tuple(p), t) for p, t in zip(probs, truncated, strict=True)]
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Classify every text; results are in input order."""

@@ -71,6 +71,10 @@ COMPONENTS: dict[str, Any] = {
                 "type": "boolean",
                 "description": "The text was longer than MAX_TOKENS and only its start was read.",
             },
+            "cached": {
+                "type": "boolean",
+                "description": "The prediction cache answered; the model did not run for it.",
+            },
         },
     },
     "Text": {"type": "string", "minLength": 1, "description": "One text (not blank)."},
@@ -128,6 +132,19 @@ COMPONENTS: dict[str, Any] = {
                 "type": "array",
                 "items": {"type": "string"},
                 "description": "A classifier's labels; empty for an encoder.",
+            },
+            "cache": {
+                "type": "object",
+                "description": "Prediction cache: backend, circuit-breaker state, and counters "
+                "since start (per text).",
+                "properties": {
+                    "backend": {"type": "string", "enum": ["memory", "redis", "off"]},
+                    "state": {"type": "string", "enum": ["closed", "open"]},
+                    "hits": {"type": "integer"},
+                    "misses": {"type": "integer"},
+                    "coalesced": {"type": "integer"},
+                    "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
             },
         },
     },

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import flask
 
 from aifn import logs
+from aifn.cache import from_settings
 from aifn.errors import ConfigError
 from aifn.model import CLASSIFIER, load_model
 from aifn.service import Service
@@ -65,7 +66,13 @@ def start(
     except ConfigError as exc:
         log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})
         raise SystemExit(f"{function}: cannot start: {exc}") from None
-    service = Service(function=function, settings=settings, model=model, description=description)
+    try:
+        cache = from_settings(settings, function=function, revision=model.identity.revision)
+    except ConfigError as exc:
+        raise SystemExit(f"{function}: configuration error: {exc}") from None
+    service = Service(
+        function=function, settings=settings, model=model, cache=cache, description=description
+    )
     if flask.has_app_context():
         service.attach(flask.current_app)
     return service

@@ -20,6 +20,7 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from aifn import errors, logs, openapi
+from aifn.cache import PredictionCache
 from aifn.model import TextClassifier, TextEncoder
 from aifn.settings import Settings
 from aifn.validation import read_json
@@ -60,6 +61,7 @@ class Service:
         function: The capability's name, e.g. ``"sentiment"``.
         settings: The process's settings.
         model: The loaded model; health reports its identity.
+        cache: The prediction cache handlers use; health reports its state and counters.
         description: One paragraph for the OpenAPI document.
         version: The API document's version.
     """
@@ -70,12 +72,14 @@ class Service:
         function: str,
         settings: Settings,
         model: TextClassifier | TextEncoder,
+        cache: PredictionCache,
         description: str,
         version: str = "1.0.0",
     ) -> None:
         self.function = function
         self.settings = settings
         self.model = model
+        self.cache = cache
         self._description = description
         self._version = version
         self._routes: dict[str, dict[str, _Route]] = {}
@@ -151,6 +155,7 @@ class Service:
             "model": self.model.identity.to_json(),
             "kind": self.model.kind,
             "labels": self.model.labels,
+            "cache": self.cache.describe(),
         }
 
     def attach(self, app: flask.Flask) -> None:
@@ -190,7 +195,10 @@ class Service:
                 log.exception("unhandled error serving %s %s", request.method, request.path)
                 error = errors.InternalError("internal error; the server log has the details")
                 response = self._error_response(error)
-            self._log_request(request, response, time.perf_counter() - started, error)
+            seconds = time.perf_counter() - started
+            # Time spent in the function, for clients and benchmarks (W3C Server-Timing).
+            response.headers["Server-Timing"] = f"app;dur={1000 * seconds:.3f}"
+            self._log_request(request, response, seconds, error)
             return response
         finally:
             logs.reset_trace(token)

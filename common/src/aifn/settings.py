@@ -8,6 +8,7 @@ never renamed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,22 @@ def int_at_least(minimum: int, unit: str = "") -> Callable[[str], int]:
     return parse
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _redis_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -81,6 +98,7 @@ def setting(
     *,
     parse: Callable[[str], Any],
     shown_default: str | None = None,
+    secret: bool = False,
 ) -> Any:
     """Declare a settings field: its variable, its README text, its default and its parser.
 
@@ -89,7 +107,14 @@ def setting(
     """
     return field(
         default=default,
-        metadata={"env": env, "doc": doc, "parse": parse, "shown_default": shown_default},
+        repr=not secret,  # a secret never appears in a repr, an error or a log line
+        metadata={
+            "env": env,
+            "doc": doc,
+            "parse": parse,
+            "shown_default": shown_default,
+            "secret": secret,
+        },
     )
 
 
@@ -158,6 +183,65 @@ class Settings:
         shown_default="unset (trace ids are logged bare)",
         parse=_optional_str,
     )
+    cache_max_entries: int = setting(
+        "CACHE_MAX_ENTRIES",
+        "Size of the in-process prediction cache (texts), used when no Redis is configured; "
+        "about 100 bytes per text plus its key. `0` turns caching off.",
+        20_000,
+        parse=int_at_least(0),
+    )
+    cache_ttl_seconds: int = setting(
+        "CACHE_TTL_SECONDS",
+        "How long a cached prediction lives, in either backend. A new model never serves old "
+        "answers regardless: the model's content hash is part of every key.",
+        86_400,
+        parse=positive_int,
+    )
+    redis_url: str | None = setting(
+        "REDIS_URL",
+        "Cache predictions in Redis instead of in process: `redis://[:password@]host:port/db`, "
+        "or `rediss://` for TLS. Takes precedence over `REDIS_HOST`.",
+        shown_default="unset",
+        parse=_redis_url,
+        secret=True,  # may hold the password
+    )
+    redis_host: str | None = setting(
+        "REDIS_HOST",
+        "Memorystore's host (Terraform passes it); used with `REDIS_PORT`, `REDIS_AUTH` and "
+        "`REDIS_CA_CERT` when `REDIS_URL` is unset.",
+        shown_default="unset",
+        parse=_optional_str,
+    )
+    redis_port: int = setting("REDIS_PORT", "Port for `REDIS_HOST`.", 6379, parse=positive_int)
+    redis_auth: str | None = setting(
+        "REDIS_AUTH",
+        "Redis AUTH string (Memorystore's, from Secret Manager). Never logged.",
+        shown_default="unset",
+        parse=_optional_str,
+        secret=True,
+    )
+    redis_ca_cert: str | None = setting(
+        "REDIS_CA_CERT",
+        "CA certificate for TLS (Memorystore in-transit encryption): the PEM text itself or a "
+        "path to a PEM file. Setting it turns TLS on for `REDIS_HOST`: the server's certificate "
+        "must chain to this CA; its host name is not checked (Memorystore is reached by IP).",
+        shown_default="unset",
+        parse=_optional_str,
+    )
+    redis_timeout_ms: int = setting(
+        "REDIS_TIMEOUT_MS",
+        "Connect and command timeout for Redis. A slow or unreachable Redis costs a request at "
+        "most this (then the model answers); 3 failures in a row stop using Redis until a "
+        "background probe succeeds.",
+        250,
+        parse=positive_int,
+    )
+    redis_probe_seconds: float = setting(
+        "REDIS_PROBE_SECONDS",
+        "While Redis is considered down, how often a background probe checks whether it is back.",
+        10.0,
+        parse=_positive_float,
+    )
 
     @classmethod
     def from_env(
@@ -206,7 +290,8 @@ def read_env(
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
-            raise ConfigError(f"{var}={raw!r} is invalid: {exc}") from None
+            shown = "(not shown)" if f.metadata.get("secret") else repr(raw)
+            raise ConfigError(f"{var}={shown} is invalid: {exc}") from None
     return cls(**values)
 
 

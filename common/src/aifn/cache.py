@@ -1,0 +1,495 @@
+"""The prediction cache: per text, shared by every function, never a point of failure.
+
+What is cached is a text's raw scores (one float per label, in the caller's label order) and its
+truncation flag, under a key made of the function, the model's content hash (a new model never
+serves old answers), every parameter that changes the scores, and the normalised text. Ranking,
+renormalising and thresholds are applied after the cache, so they cost nothing to vary.
+
+Two backends: an in-process LRU (the default) and Redis / Memorystore (``REDIS_URL`` or
+``REDIS_HOST``), read with one ``MGET`` and written with one pipelined round trip per request.
+Redis is optional in every sense: connect and command timeouts are short, a circuit breaker stops
+calling it after consecutive failures and a background probe (never a request) notices when it is
+back, unreadable values count as misses, and any error means "ask the model". Concurrent identical
+misses inside an instance are computed once (single-flight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aifn.errors import ConfigError
+from aifn.model import Scores
+
+if TYPE_CHECKING:
+    from aifn.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "aifn:v1"
+_FLAG_TRUNCATED = 1
+_VERSION = 1
+
+
+class CorruptValue(ValueError):
+    """A cached value that is not what this code writes."""
+
+
+def encode(scores: Scores) -> bytes:
+    """Version byte, flags byte, then little-endian float64s: 2 + 8 bytes per label."""
+    flags = _FLAG_TRUNCATED if scores.truncated else 0
+    return struct.pack(f"<BB{len(scores.values)}d", _VERSION, flags, *scores.values)
+
+
+def decode(raw: bytes, width: int) -> Scores:
+    """The inverse of :func:`encode`, checking everything a stray or damaged value could break.
+
+    Raises:
+        CorruptValue: Wrong version, length or flags, or a score that is not a finite number.
+    """
+    if len(raw) != 2 + 8 * width:
+        raise CorruptValue(f"{len(raw)} bytes, expected {2 + 8 * width}")
+    version, flags, *values = struct.unpack(f"<BB{width}d", raw)
+    if version != _VERSION or flags & ~_FLAG_TRUNCATED:
+        raise CorruptValue(f"version {version}, flags {flags}")
+    if not all(math.isfinite(v) for v in values):
+        raise CorruptValue("non-finite score")
+    return Scores(tuple(values), bool(flags & _FLAG_TRUNCATED))
+
+
+def normalise(text: str) -> str:
+    """The text as the model reads it: NFC, whitespace runs collapsed, ends stripped.
+
+    WordPiece tokenizers split on any whitespace run, so this never changes an answer.
+    """
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+class Backend(Protocol):
+    name: str
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    def set_many(self, items: dict[str, bytes], ttl: int) -> None: ...
+
+
+class MemoryBackend:
+    """A bounded in-process LRU with per-entry expiry; safe across threads."""
+
+    name = "memory"
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._capacity = capacity
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = self._clock()
+        out: list[bytes | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry[0] <= now:
+                    if entry is not None:
+                        del self._entries[key]
+                    out.append(None)
+                else:
+                    self._entries.move_to_end(key)
+                    out.append(entry[1])
+        return out
+
+    def set_many(self, items: dict[str, bytes], ttl: int) -> None:
+        expires = self._clock() + ttl
+        with self._lock:
+            for key, value in items.items():
+                self._entries[key] = (expires, value)
+                self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+
+class RedisBackend:
+    """Redis or Memorystore through redis-py: one MGET to read, one pipeline to write."""
+
+    name = "redis"
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        values: list[bytes | None] = self.client.mget(list(keys))
+        return values
+
+    def set_many(self, items: dict[str, bytes], ttl: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in items.items():
+            pipe.set(key, value, ex=ttl)
+        pipe.execute()
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class CircuitBreaker:
+    """Closed until ``threshold`` consecutive failures; then open until a probe succeeds.
+
+    While open, requests skip the backend entirely. The probe runs in a background thread every
+    ``cooldown`` seconds, so no request ever waits on a backend that is down.
+    """
+
+    def __init__(
+        self, *, threshold: int, cooldown: float, probe: Callable[[], None] | None
+    ) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._probe = probe
+        self._failures = 0
+        self._open = False
+        self._lock = threading.Lock()
+        self.opened = 0  # times the breaker has opened
+
+    @property
+    def state(self) -> str:
+        return "open" if self._open else "closed"
+
+    def allow(self) -> bool:
+        return not self._open
+
+    def success(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def failure(self) -> bool:
+        """Record a failure; True when it opened the breaker."""
+        with self._lock:
+            self._failures += 1
+            if self._open or self._failures < self._threshold:
+                return False
+            self._open = True
+            self.opened += 1
+        threading.Thread(target=self._probe_until_closed, name="cache-probe", daemon=True).start()
+        return True
+
+    def _probe_until_closed(self) -> None:
+        while True:
+            time.sleep(self._cooldown)
+            try:
+                if self._probe is not None:
+                    self._probe()
+            except Exception as exc:  # any failure means "still down"
+                log.debug("cache backend still unavailable: %s", exc)
+                continue
+            with self._lock:
+                self._open = False
+                self._failures = 0
+            log.warning("cache backend is reachable again; using it")
+            return
+
+
+class _Flights:
+    """In-flight computations by key, so concurrent identical misses compute once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[Scores]] = {}
+
+    def claim(self, keys: Sequence[str]) -> tuple[list[str], dict[str, Future[Scores]]]:
+        """(keys this caller must compute, futures of keys another caller is computing)."""
+        mine: list[str] = []
+        theirs: dict[str, Future[Scores]] = {}
+        with self._lock:
+            for key in keys:
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = Future()
+                    mine.append(key)
+                else:
+                    theirs[key] = running
+        return mine, theirs
+
+    def settle(
+        self, keys: Sequence[str], results: dict[str, Scores], error: BaseException | None
+    ) -> None:
+        with self._lock:
+            futures = [self._running.pop(key) for key in keys]
+        for key, future in zip(keys, futures, strict=True):
+            if key in results:
+                future.set_result(results[key])
+            else:
+                future.set_exception(error or RuntimeError("not computed"))
+
+
+@dataclass
+class CacheStats:
+    """Counters since start, per text (a batch of 8 with 3 cached is 3 hits and 5 misses)."""
+
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0  # misses answered by another request's computation
+    errors: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "coalesced": self.coalesced,
+            "errors": dict(self.errors or {}),
+        }
+
+
+class PredictionCache:
+    """Per-text scores for one function and model, in front of any backend (or none).
+
+    Args:
+        backend: Where values live; ``None`` disables caching (single-flight still applies).
+        namespace: The function and model revision, e.g. ``"sentiment:sha256:d913..."``.
+        ttl: Seconds a value lives.
+        breaker: Guards a remote backend; ``None`` for the in-process one.
+        warn_interval: Least seconds between two warnings about backend errors.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None,
+        *,
+        namespace: str,
+        ttl: int,
+        breaker: CircuitBreaker | None = None,
+        warn_interval: float = 60.0,
+        wait_timeout: float = 60.0,
+    ) -> None:
+        self.backend = backend
+        self._namespace = namespace
+        self._ttl = ttl
+        self.breaker = breaker
+        self._warn_interval = warn_interval
+        self._wait_timeout = wait_timeout
+        self._last_warning = -math.inf
+        self._suppressed = 0
+        self._flights = _Flights()
+        self._lock = threading.Lock()
+        self.stats = CacheStats(errors={})
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, breaker state and counters, for health and (later) metrics."""
+        with self._lock:
+            counters = self.stats.to_json()
+        return {
+            "backend": self.backend.name if self.backend is not None else "off",
+            "state": self.breaker.state if self.breaker else "closed",
+            **counters,
+        }
+
+    def key(self, text: str, params: Any) -> str:
+        digest = hashlib.sha256()
+        for part in (
+            self._namespace,
+            json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+            normalise(text),
+        ):
+            digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+        return f"{KEY_PREFIX}:{self._namespace.split(':', 1)[0]}:{digest.hexdigest()[:32]}"
+
+    def get_or_compute(
+        self,
+        texts: Sequence[str],
+        *,
+        params: Any,
+        width: int,
+        compute: Callable[[list[str]], list[Scores]],
+    ) -> list[tuple[Scores, bool]]:
+        """Each text's scores and whether they came from the cache, in input order.
+
+        Args:
+            params: Everything besides the text that changes the scores (JSON-able).
+            width: How many scores each text has (checks what the cache returns).
+            compute: Scores for a list of texts, in order; called once, with the misses only.
+        """
+        keys = [self.key(t, params) for t in texts]
+        first_text = dict(zip(reversed(keys), reversed(texts), strict=True))
+        unique = list(dict.fromkeys(keys))
+        found = self._read(unique, width)
+        missing = [k for k in unique if k not in found]
+
+        computed: dict[str, Scores] = {}
+        mine, theirs = self._flights.claim(missing)
+        if mine:
+            error: BaseException | None = None
+            try:
+                fresh = compute([first_text[k] for k in mine])
+                computed.update(zip(mine, fresh, strict=True))
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._flights.settle(mine, computed, error)
+            self._write({k: encode(computed[k]) for k in mine})
+        coalesced = 0
+        for key, future in theirs.items():
+            try:
+                computed[key] = future.result(timeout=self._wait_timeout)
+                coalesced += 1
+            except Exception:  # the other request failed or stalled: compute it ourselves
+                computed[key] = compute([first_text[key]])[0]
+
+        hits = sum(k in found for k in keys)
+        with self._lock:
+            self.stats.hits += hits
+            self.stats.misses += len(keys) - hits
+            self.stats.coalesced += coalesced
+        return [(found[k], True) if k in found else (computed[k], False) for k in keys]
+
+    def _read(self, keys: list[str], width: int) -> dict[str, Scores]:
+        if not keys or not self._usable():
+            return {}
+        assert self.backend is not None
+        try:
+            raw = self.backend.get_many(keys)
+        except Exception as exc:
+            self._failed("read", exc)
+            return {}
+        self._succeeded()
+        found: dict[str, Scores] = {}
+        for key, value in zip(keys, raw, strict=True):
+            if value is None:
+                continue
+            try:
+                found[key] = decode(value, width)
+            except (CorruptValue, struct.error, TypeError) as exc:
+                self._count("corrupt")
+                self._warn(f"unreadable cache value under {key} (treated as a miss): {exc}")
+        return found
+
+    def _write(self, items: dict[str, bytes]) -> None:
+        if not items or not self._usable():
+            return
+        assert self.backend is not None
+        try:
+            self.backend.set_many(items, self._ttl)
+        except Exception as exc:
+            self._failed("write", exc)
+        else:
+            self._succeeded()
+
+    def _usable(self) -> bool:
+        if self.backend is None:
+            return False
+        if self.breaker is not None and not self.breaker.allow():
+            self._count("skipped")
+            return False
+        return True
+
+    def _succeeded(self) -> None:
+        if self.breaker is not None:
+            self.breaker.success()
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        self._count(operation)
+        opened = self.breaker.failure() if self.breaker is not None else False
+        if opened:
+            log.warning(
+                "cache backend failing (%s: %s); answering from the model without it until a "
+                "background probe succeeds",
+                operation,
+                exc,
+            )
+        else:
+            self._warn(f"cache {operation} failed, answered from the model: {exc}")
+
+    def _count(self, kind: str) -> None:
+        with self._lock:
+            errors = self.stats.errors
+            assert errors is not None
+            errors[kind] = errors.get(kind, 0) + 1
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_warning < self._warn_interval:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._last_warning = now
+        extra = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
+        log.warning("%s%s", message, extra)
+
+
+def from_settings(settings: Settings, *, function: str, revision: str) -> PredictionCache:
+    """Redis when ``REDIS_URL`` or ``REDIS_HOST`` is set, else in process (or off at size 0).
+
+    Nothing here touches the network: redis-py connects on first use, so start-up never waits
+    for Redis (on Cloud Run, Direct VPC egress can take a while to come up).
+    """
+    namespace = f"{function}:{revision}"
+    ttl = settings.cache_ttl_seconds
+    if settings.redis_url or settings.redis_host:
+        backend = RedisBackend(redis_client(settings))
+        breaker = CircuitBreaker(
+            threshold=3, cooldown=settings.redis_probe_seconds, probe=backend.ping
+        )
+        return PredictionCache(backend, namespace=namespace, ttl=ttl, breaker=breaker)
+    if settings.cache_max_entries == 0:
+        return PredictionCache(None, namespace=namespace, ttl=ttl)
+    return PredictionCache(MemoryBackend(settings.cache_max_entries), namespace=namespace, ttl=ttl)
+
+
+def redis_client(settings: Settings) -> Any:
+    """A redis-py client with short timeouts and no retries (the breaker decides, not retries).
+
+    Raises:
+        ConfigError: ``REDIS_CA_CERT`` names a file that does not exist.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    timeout = settings.redis_timeout_ms / 1000
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.redis_url:
+        if settings.redis_auth:
+            options["password"] = settings.redis_auth
+        if settings.redis_ca_cert and settings.redis_url.startswith("rediss://"):
+            options.update(_ca_options(settings.redis_ca_cert))
+        return redis.Redis.from_url(settings.redis_url, **options)
+    if settings.redis_ca_cert:
+        options.update(
+            ssl=True,
+            ssl_cert_reqs="required",
+            ssl_check_hostname=False,
+            **_ca_options(settings.redis_ca_cert),
+        )
+    assert settings.redis_host is not None
+    return redis.Redis(
+        host=settings.redis_host, port=settings.redis_port, password=settings.redis_auth, **options
+    )
+
+
+def _ca_options(value: str) -> dict[str, str]:
+    if value.lstrip().startswith("-----BEGIN"):
+        return {"ssl_ca_data": value}
+    if not Path(value).is_file():
+        raise ConfigError(f"REDIS_CA_CERT: {value} is neither PEM text nor a readable file")
+    return {"ssl_ca_certs": value}
