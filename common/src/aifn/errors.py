@@ -77,6 +77,24 @@ class TooManyTexts(ApiError):
     description = "More texts in one request than `MAX_BATCH_TEXTS`."
 
 
+class Overloaded(ApiError):
+    status = 429
+    type = "overloaded"
+    description = (
+        "The instance's queue is full; nothing was done. Retry after the `Retry-After` seconds "
+        "(Cloud Run routes retries to other instances as it scales out)."
+    )
+
+
+class DeadlineExceeded(ApiError):
+    status = 503
+    type = "deadline_exceeded"
+    description = (
+        "The request waited longer than `REQUEST_TIMEOUT_SECONDS` for the model; retry after "
+        "`Retry-After` seconds."
+    )
+
+
 class NotReady(ApiError):
     status = 503
     type = "not_ready"

@@ -1,0 +1,189 @@
+"""Dynamic batching: concurrent requests' texts share forward passes, with backpressure.
+
+One worker thread owns the model. Requests hand it their texts and wait; the worker takes what
+is queued (up to ``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text
+arrived for more to come), runs them as one batch, and hands each request its own results, in
+its own order. A request's list longer than ``max_batch`` is split; short ones are merged.
+
+Backpressure is explicit: at most ``max_queued`` texts wait at a time, and a request that would
+exceed that is refused at once (:class:`Overloaded`, 429 with ``Retry-After``) rather than queued
+behind work it cannot overtake. A request that waits longer than its deadline gets
+:class:`DeadlineExceeded` (503) and its texts are dropped if the worker has not started them.
+
+If a merged batch fails, each request in it is retried alone, so one bad input fails only its
+own request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from aifn.errors import DeadlineExceeded, Overloaded
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+@dataclass
+class _Job(Generic[R]):
+    texts: list[str]
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[list[R]] = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """Counters since start: batches run, texts in them, and requests refused or timed out."""
+
+    batches: int = 0
+    texts: int = 0
+    largest: int = 0
+    refused: int = 0
+    timed_out: int = 0
+    isolated_retries: int = 0
+
+
+class DynamicBatcher(Generic[R]):
+    """Gather texts from concurrent callers into batches for ``run`` (one result per text).
+
+    Args:
+        run: The model call: texts in, one result per text out, in order.
+        max_batch: Most texts in one call of ``run``.
+        max_wait: Seconds the worker may wait after the oldest queued text for more texts.
+        max_queued: Most texts waiting (not yet running); more are refused with 429.
+        timeout: Seconds a request may wait for its results in total.
+        retry_after: Seconds to suggest in ``Retry-After`` when refusing.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[str]], list[R]],
+        *,
+        max_batch: int,
+        max_wait: float,
+        max_queued: int,
+        timeout: float,
+        retry_after: int = 1,
+        name: str = "model",
+    ) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_queued = max_queued
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._queue: deque[_Job[R]] = deque()
+        self._queued_texts = 0
+        self._cond = threading.Condition()
+        self.stats = BatchStats()
+        self._worker = threading.Thread(target=self._loop, name=f"{name}-batcher", daemon=True)
+        self._worker.start()
+
+    @property
+    def queued(self) -> int:
+        """Texts waiting for the worker right now."""
+        return self._queued_texts
+
+    def __call__(self, texts: Sequence[str]) -> list[R]:
+        """Results for ``texts``, in order, computed in shared batches.
+
+        Raises:
+            Overloaded: The queue is full; nothing was queued.
+            DeadlineExceeded: The results did not come within ``timeout`` seconds.
+        """
+        if not texts:
+            return []
+        deadline = time.monotonic() + self.timeout
+        chunks = [list(texts[i : i + self.max_batch]) for i in range(0, len(texts), self.max_batch)]
+        with self._cond:
+            # An empty queue always takes a request, so a large request is never refused forever.
+            if self._queued_texts and self._queued_texts + len(texts) > self.max_queued:
+                self.stats.refused += 1
+                raise Overloaded(
+                    f"the instance is at capacity ({self._queued_texts} texts queued); retry in "
+                    f"{self.retry_after} s",
+                    headers={"Retry-After": str(self.retry_after)},
+                )
+            jobs: list[_Job[R]] = [_Job(chunk, deadline) for chunk in chunks]
+            self._queue.extend(jobs)
+            self._queued_texts += len(texts)
+            self._cond.notify()
+        results: list[R] = []
+        for job in jobs:
+            try:
+                results.extend(job.future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                job.future.cancel()  # the worker skips it if it has not started it
+                with self._cond:
+                    self.stats.timed_out += 1
+                raise DeadlineExceeded(
+                    f"no result within {self.timeout:g} s (REQUEST_TIMEOUT_SECONDS); the instance "
+                    "is overloaded, retry later",
+                    headers={"Retry-After": str(self.retry_after)},
+                ) from None
+        return results
+
+    def _take(self) -> list[_Job[R]]:
+        """Block until there is work, gather a batch, and remove it from the queue."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            oldest = self._queue[0].enqueued
+            while sum(len(j.texts) for j in self._queue) < self.max_batch:
+                remaining = oldest + self.max_wait - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Job[R]] = []
+            size = 0
+            while self._queue and (not batch or size + len(self._queue[0].texts) <= self.max_batch):
+                job = self._queue.popleft()
+                batch.append(job)
+                size += len(job.texts)
+            self._queued_texts -= size
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = [job for job in self._take() if job.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            texts = [t for job in batch for t in job.texts]
+            try:
+                outputs = self._run(texts)
+                if len(outputs) != len(texts):
+                    raise RuntimeError(f"{len(outputs)} results for {len(texts)} texts")
+            except Exception as exc:
+                self._isolate(batch, exc)
+                continue
+            with self._cond:
+                self.stats.batches += 1
+                self.stats.texts += len(texts)
+                self.stats.largest = max(self.stats.largest, len(texts))
+            start = 0
+            for job in batch:
+                job.future.set_result(outputs[start : start + len(job.texts)])
+                start += len(job.texts)
+
+    def _isolate(self, batch: list[_Job[R]], exc: Exception) -> None:
+        """A failed batch: run each request's texts alone, so only a bad one fails."""
+        if len(batch) == 1:
+            batch[0].future.set_exception(exc)
+            return
+        log.warning("a batch of %d requests failed (%s); retrying each alone", len(batch), exc)
+        with self._cond:
+            self.stats.isolated_retries += 1
+        for job in batch:
+            try:
+                job.future.set_result(self._run(job.texts))
+            except Exception as alone:
+                job.future.set_exception(alone)

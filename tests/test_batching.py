@@ -1,0 +1,158 @@
+"""Dynamic batching: order, merging, splitting, error isolation, backpressure, deadlines.
+
+The batcher is exercised with a stand-in for the model that records every batch it is given,
+so the tests can see exactly which texts shared a forward pass. A gate lets a test hold the
+worker busy while requests queue behind it, which is how merging happens under load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from aifn.batching import DynamicBatcher
+from aifn.errors import DeadlineExceeded, Overloaded
+
+
+class Recorder:
+    """Upper-cases texts; records batches; can be held busy; fails on texts containing 'poison'."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        self.batches.append(list(texts))
+        self.entered.set()
+        self.gate.wait(10)
+        if any("poison" in t for t in texts):
+            raise ValueError("cannot process poison")
+        return [t.upper() for t in texts]
+
+
+def batcher(model: Recorder, **overrides: float) -> DynamicBatcher[str]:
+    options = {"max_batch": 8, "max_wait": 0.0, "max_queued": 64, "timeout": 10.0}
+    options.update(overrides)
+    return DynamicBatcher(model, **options)  # type: ignore[arg-type]
+
+
+def hold(model: Recorder, b: DynamicBatcher[str]) -> threading.Thread:
+    """Make the worker busy with one request until ``model.gate`` is set."""
+    model.gate.clear()
+    model.entered.clear()
+
+    def run() -> None:
+        # A short-deadline test may time the holder out too.
+        with contextlib.suppress(DeadlineExceeded):
+            b(["holder"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert model.entered.wait(5)
+    return thread
+
+
+def test_results_come_back_to_the_right_request_in_order() -> None:
+    model = Recorder()
+    b = batcher(model)
+    holder = hold(model, b)
+    requests = [
+        [f"r{r}-t{i}-" + "x" * ((r * 7 + i) % 5) for i in range(r % 3 + 1)] for r in range(12)
+    ]
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(b, texts) for texts in requests]
+        time.sleep(0.2)  # all twelve are queued behind the holder
+        model.gate.set()
+        results = [f.result(10) for f in futures]
+    holder.join(5)
+    for texts, result in zip(requests, results, strict=True):
+        assert result == [t.upper() for t in texts]
+    # Queued requests were merged: fewer batches than requests, none over the limit.
+    merged = model.batches[1:]
+    assert len(merged) < len(requests)
+    assert max(len(batch) for batch in merged) <= 8
+    assert sorted(t for batch in merged for t in batch) == sorted(t for r in requests for t in r)
+
+
+def test_a_list_larger_than_the_batch_is_split() -> None:
+    model = Recorder()
+    b = batcher(model, max_batch=4)
+    texts = [f"t{i}" for i in range(10)]
+    assert b(texts) == [t.upper() for t in texts]
+    assert [len(batch) for batch in model.batches] == [4, 4, 2]
+
+
+def test_max_wait_lets_a_lone_request_gather_company() -> None:
+    model = Recorder()
+    b = batcher(model, max_wait=0.3)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(b, ["a"])
+        time.sleep(0.05)
+        second = pool.submit(b, ["b"])
+        assert (first.result(5), second.result(5)) == (["A"], ["B"])
+    assert model.batches == [["a", "b"]]
+
+
+def test_a_failing_input_fails_only_its_own_request() -> None:
+    model = Recorder()
+    b = batcher(model)
+    holder = hold(model, b)
+    with ThreadPoolExecutor(3) as pool:
+        good = pool.submit(b, ["fine", "also fine"])
+        bad = pool.submit(b, ["poison pill"])
+        other = pool.submit(b, ["more"])
+        time.sleep(0.2)
+        model.gate.set()
+        assert good.result(10) == ["FINE", "ALSO FINE"]
+        assert other.result(10) == ["MORE"]
+        with pytest.raises(ValueError, match="poison"):
+            bad.result(10)
+    holder.join(5)
+    assert b.stats.isolated_retries == 1
+    assert ["fine", "also fine", "poison pill", "more"] in model.batches  # they did share a batch
+
+
+def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
+    model = Recorder()
+    b = batcher(model, max_queued=5, retry_after=2)
+    holder = hold(model, b)
+    with ThreadPoolExecutor(2) as pool:
+        queued = pool.submit(b, ["a", "b", "c", "d"])
+        time.sleep(0.1)
+        assert b.queued == 4
+        with pytest.raises(Overloaded) as refused:
+            b(["e", "f"])  # 4 + 2 > 5: refused while the worker is still busy, not after
+        assert refused.value.status == 429
+        assert refused.value.headers == {"Retry-After": "2"}
+        assert b.stats.refused == 1
+        model.gate.set()
+        assert queued.result(10) == ["A", "B", "C", "D"]
+    holder.join(5)
+    assert ["e", "f"] not in model.batches
+
+
+def test_an_empty_queue_takes_even_a_request_larger_than_the_limit() -> None:
+    model = Recorder()
+    b = batcher(model, max_queued=3, max_batch=2)
+    assert b(["a", "b", "c", "d", "e"]) == ["A", "B", "C", "D", "E"]
+
+
+def test_a_request_past_its_deadline_gets_503_and_is_not_run() -> None:
+    model = Recorder()
+    b = batcher(model, timeout=0.3)
+    holder = hold(model, b)
+    with pytest.raises(DeadlineExceeded) as late:
+        b(["late"])
+    assert late.value.status == 503
+    assert "Retry-After" in late.value.headers
+    model.gate.set()
+    holder.join(5)
+    assert b(["next"]) == ["NEXT"]
+    assert all("late" not in batch for batch in model.batches)
+    assert b.stats.timed_out >= 1
