@@ -55,7 +55,7 @@ def test_prompts_use_descriptions_then_the_template() -> None:
 
 
 def test_label_cache_embeds_each_prompt_once_and_evicts_least_recent(encoder: TextEncoder) -> None:
-    cache = zero_shot.LabelCache(encoder, capacity=2)
+    cache = zero_shot.LabelCache(encoder.rows, capacity=2)
     first = cache.embeddings(["sport", "politics"])
     assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
     again = cache.embeddings(["politics", "sport"])
@@ -120,7 +120,7 @@ def test_single_and_multi_label_share_cached_similarities(encoder: TextEncoder) 
     from aifn.cache import MemoryBackend, PredictionCache
 
     cache = PredictionCache(MemoryBackend(100), namespace="classify:sha256:test", ttl=60)
-    classifier = zero_shot.ZeroShotClassifier(encoder, cache_size=16)
+    classifier = zero_shot.ZeroShotClassifier(encoder.rows, cache_size=16)
     args: dict = {"descriptions": {}, "template": "This is about {label}.", "threshold": 0.5}
     labels = ["sport", "politics"]
     single = classifier.classify(

@@ -39,7 +39,7 @@ service = runtime.start(
     kinds=(ENCODER, CLASSIFIER),
 )
 zero_shot = (
-    ZeroShotClassifier(service.model, cache_size=options.label_cache_size)
+    ZeroShotClassifier(service.batcher, cache_size=options.label_cache_size)
     if isinstance(service.model, TextEncoder)
     else None
 )
@@ -208,7 +208,7 @@ def fine_tuned(
     # The cache keeps the model's full distribution; narrowing happens after, so every label
     # subset shares the same entries.
     rows = service.cache.get_or_compute(
-        texts, params=None, width=len(model.labels), compute=model.scores
+        texts, params=None, width=len(model.labels), compute=service.batcher
     )
     keep = labels or model.labels
     columns = [model.labels.index(label) for label in keep]

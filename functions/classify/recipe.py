@@ -76,7 +76,7 @@ def evaluate(encoder: TextEncoder, articles: list[bbc.Article]) -> dict[str, Any
     """Zero-shot accuracy three ways: bare label names, the default template, descriptions."""
     labels = sorted(bbc.DESCRIPTIONS)
     gold = [a.label for a in articles]
-    classifier = zero_shot.ZeroShotClassifier(encoder, cache_size=64)
+    classifier = zero_shot.ZeroShotClassifier(encoder.rows, cache_size=64)
     started = time.perf_counter()
     vectors, truncated = encoder.embed([a.text for a in articles])
     embed_seconds = time.perf_counter() - started

@@ -19,23 +19,28 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from aifn.cache import PredictionCache
-from aifn.model import Prediction, Scores, TextEncoder, rank
+from aifn.model import Prediction, Scores, rank
 
 TEMPERATURE = 0.025
 SLOPE = 18.0
 MIDPOINT = 0.16
 
 
+# Text embedder: one (unit vector, truncated) pair per text, e.g. TextEncoder.rows or the
+# function's batcher in front of it.
+Embed = Callable[[list[str]], list[tuple[torch.Tensor, bool]]]
+
+
 class LabelCache:
     """Embeddings of label prompts, least recently used evicted first; safe across threads."""
 
-    def __init__(self, encoder: TextEncoder, capacity: int) -> None:
-        self._encoder = encoder
+    def __init__(self, embed: Embed, capacity: int) -> None:
+        self._embed = embed
         self._capacity = capacity
         self._vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
@@ -72,7 +77,7 @@ class LabelCache:
         """A ``(len(prompts), dim)`` tensor; only prompts not cached reach the model."""
         found, missing = self.lookup(prompts)
         if missing:
-            vectors, _ = self._encoder.embed(missing)
+            vectors = torch.stack([row for row, _ in self._embed(missing)])
             self.store(missing, vectors)
             found.update(zip(missing, vectors, strict=True))
         return torch.stack([found[p] for p in prompts])
@@ -93,11 +98,11 @@ def scores(similarity: torch.Tensor, *, multi_label: bool) -> torch.Tensor:
 
 
 class ZeroShotClassifier:
-    """Classify texts into any labels with :class:`TextEncoder` embeddings."""
+    """Classify texts into any labels with sentence embeddings (see :data:`Embed`)."""
 
-    def __init__(self, encoder: TextEncoder, *, cache_size: int) -> None:
-        self.encoder = encoder
-        self.label_cache = LabelCache(encoder, cache_size)
+    def __init__(self, embed: Embed, *, cache_size: int) -> None:
+        self._embed = embed
+        self.label_cache = LabelCache(embed, cache_size)
 
     def classify(
         self,
@@ -138,7 +143,9 @@ class ZeroShotClassifier:
         """Each text's cosine similarity to each label prompt, and its truncation."""
         found, missing = self.label_cache.lookup(label_prompts)
         # New label prompts ride in the same model call as the texts: one pass, not two.
-        vectors, truncated = self.encoder.embed([*missing, *texts])
+        pairs = self._embed([*missing, *texts])
+        vectors = torch.stack([row for row, _ in pairs])
+        truncated = [cut for _, cut in pairs]
         if missing:
             self.label_cache.store(missing, vectors[: len(missing)])
             found.update(zip(missing, vectors[: len(missing)], strict=True))

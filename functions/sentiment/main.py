@@ -43,7 +43,7 @@ def analyze(body: Any) -> dict[str, Any]:
         max_texts=service.settings.max_batch_texts,
     )
     rows = service.cache.get_or_compute(
-        request.texts, params=None, width=len(model.labels), compute=model.scores
+        request.texts, params=None, width=len(model.labels), compute=service.batcher
     )
     return {
         "model": model.identity.to_json(),

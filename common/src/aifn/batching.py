@@ -17,6 +17,7 @@ own request.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -81,12 +82,26 @@ class DynamicBatcher(Generic[R]):
         self.max_queued = max_queued
         self.timeout = timeout
         self.retry_after = retry_after
+        self._name = name
+        self.stats = BatchStats()
+        self._reset()
+        # gunicorn loads the app in its master and forks workers; threads do not survive a fork,
+        # so each process starts its own worker on first use, with fresh locks and queue.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._queue: deque[_Job[R]] = deque()
         self._queued_texts = 0
         self._cond = threading.Condition()
-        self.stats = BatchStats()
-        self._worker = threading.Thread(target=self._loop, name=f"{name}-batcher", daemon=True)
-        self._worker.start()
+        self._worker: threading.Thread | None = None
+
+    def _ensure_worker(self) -> None:
+        # Called with self._cond held.
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(
+                target=self._loop, name=f"{self._name}-batcher", daemon=True
+            )
+            self._worker.start()
 
     @property
     def queued(self) -> int:
@@ -105,6 +120,7 @@ class DynamicBatcher(Generic[R]):
         deadline = time.monotonic() + self.timeout
         chunks = [list(texts[i : i + self.max_batch]) for i in range(0, len(texts), self.max_batch)]
         with self._cond:
+            self._ensure_worker()
             # An empty queue always takes a request, so a large request is never refused forever.
             if self._queued_texts and self._queued_texts + len(texts) > self.max_queued:
                 self.stats.refused += 1

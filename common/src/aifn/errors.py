@@ -115,6 +115,8 @@ ERROR_TYPES: tuple[type[ApiError], ...] = (
     UnsupportedMediaType,
     InvalidRequest,
     TooManyTexts,
+    Overloaded,
+    DeadlineExceeded,
     NotReady,
     InternalError,
 )

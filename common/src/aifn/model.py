@@ -404,6 +404,11 @@ class TextEncoder(_TransformerModel):
         rows, truncated = self._chunked(texts, self._forward)
         return torch.stack(rows), truncated
 
+    def rows(self, texts: Sequence[str]) -> list[tuple[Any, bool]]:
+        """One ``(embedding, truncated)`` pair per text (what the batcher hands out)."""
+        rows, truncated = self._chunked(texts, self._forward)
+        return list(zip(rows, truncated, strict=True))
+
     def _forward(self, inputs: dict[str, Any]) -> list[Any]:
         import torch
 

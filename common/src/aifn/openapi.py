@@ -146,6 +146,13 @@ COMPONENTS: dict[str, Any] = {
                     "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
                 },
             },
+            "batching": {
+                "type": "object",
+                "description": "The model's batching queue: texts waiting now, and counters since "
+                "start (batches run, texts in them, the largest batch, requests refused with 429 "
+                "or timed out, failed batches retried request by request).",
+                "additionalProperties": {"type": "integer"},
+            },
         },
     },
 }

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 import flask
 
 from aifn import logs
+from aifn.batching import DynamicBatcher
 from aifn.cache import from_settings
 from aifn.errors import ConfigError
-from aifn.model import CLASSIFIER, load_model
+from aifn.model import CLASSIFIER, TextClassifier, load_model
 from aifn.service import Service
 from aifn.settings import Settings, cpu_count, read_env
 
@@ -70,8 +71,21 @@ def start(
         cache = from_settings(settings, function=function, revision=model.identity.revision)
     except ConfigError as exc:
         raise SystemExit(f"{function}: configuration error: {exc}") from None
+    batcher: DynamicBatcher[Any] = DynamicBatcher(
+        model.scores if isinstance(model, TextClassifier) else model.rows,
+        max_batch=settings.inference_batch_size,
+        max_wait=settings.batch_wait_ms / 1000,
+        max_queued=settings.max_queued_texts,
+        timeout=settings.request_timeout_seconds,
+        name=function,
+    )
     service = Service(
-        function=function, settings=settings, model=model, cache=cache, description=description
+        function=function,
+        settings=settings,
+        model=model,
+        cache=cache,
+        batcher=batcher,
+        description=description,
     )
     if flask.has_app_context():
         service.attach(flask.current_app)

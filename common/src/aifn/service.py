@@ -9,6 +9,7 @@ layer never touches tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from aifn import errors, logs, openapi
+from aifn.batching import DynamicBatcher
 from aifn.cache import PredictionCache
 from aifn.model import TextClassifier, TextEncoder
 from aifn.settings import Settings
@@ -35,6 +37,8 @@ _POST_ERRORS: tuple[type[errors.ApiError], ...] = (
     errors.UnsupportedMediaType,
     errors.InvalidRequest,
     errors.TooManyTexts,
+    errors.Overloaded,
+    errors.DeadlineExceeded,
     errors.InternalError,
     errors.NotReady,
 )
@@ -62,6 +66,7 @@ class Service:
         settings: The process's settings.
         model: The loaded model; health reports its identity.
         cache: The prediction cache handlers use; health reports its state and counters.
+        batcher: The model's batching queue handlers send texts through.
         description: One paragraph for the OpenAPI document.
         version: The API document's version.
     """
@@ -73,6 +78,7 @@ class Service:
         settings: Settings,
         model: TextClassifier | TextEncoder,
         cache: PredictionCache,
+        batcher: DynamicBatcher[Any],
         description: str,
         version: str = "1.0.0",
     ) -> None:
@@ -80,6 +86,7 @@ class Service:
         self.settings = settings
         self.model = model
         self.cache = cache
+        self.batcher = batcher
         self._description = description
         self._version = version
         self._routes: dict[str, dict[str, _Route]] = {}
@@ -156,6 +163,7 @@ class Service:
             "kind": self.model.kind,
             "labels": self.model.labels,
             "cache": self.cache.describe(),
+            "batching": {"queued": self.batcher.queued, **dataclasses.asdict(self.batcher.stats)},
         }
 
     def attach(self, app: flask.Flask) -> None:

@@ -60,6 +60,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value >= 0 or not math.isfinite(value):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
 def _redis_url(raw: str) -> str | None:
     value = raw.strip()
     if not value:
@@ -152,10 +159,33 @@ class Settings:
     )
     inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",
-        "Texts per forward pass; a request's texts are sorted by length and run in chunks of this "
-        "size.",
+        "Most texts in one forward pass. Concurrent requests' texts are merged into batches up "
+        "to this size (a longer request is split); each batch runs sorted by length.",
         32,
         parse=positive_int,
+    )
+    batch_wait_ms: float = setting(
+        "BATCH_WAIT_MS",
+        "How long the model worker may wait after the oldest queued text for more texts before "
+        "running a batch. `0`: never wait; under load, requests that arrive during a forward "
+        "pass are merged anyway.",
+        0.0,
+        parse=_non_negative_float,
+    )
+    max_queued_texts: int = setting(
+        "MAX_QUEUED_TEXTS",
+        "Most texts waiting for the model per instance; a request that would exceed it gets 429 "
+        "`overloaded` with `Retry-After` at once. Size it with Cloud Run's concurrency: "
+        "concurrency x typical texts per request.",
+        256,
+        parse=positive_int,
+    )
+    request_timeout_seconds: float = setting(
+        "REQUEST_TIMEOUT_SECONDS",
+        "Longest a request waits for the model before it gets 503 `deadline_exceeded`; keep it "
+        "below Cloud Run's request timeout.",
+        30.0,
+        parse=_positive_float,
     )
     torch_threads: int = setting(
         "TORCH_THREADS",
