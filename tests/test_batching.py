@@ -156,3 +156,14 @@ def test_a_request_past_its_deadline_gets_503_and_is_not_run() -> None:
     assert b(["next"]) == ["NEXT"]
     assert all("late" not in batch for batch in model.batches)
     assert b.stats.timed_out >= 1
+
+
+def test_model_chunks_group_similar_lengths() -> None:
+    from aifn.model import length_groups
+
+    lengths = [10, 500, 12, 11, 900, 30, 15]
+    groups = length_groups(lengths, batch_size=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) <= 3 for g in groups)
+    # The short texts never share a pass with (and get padded to) the long ones.
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[10, 11, 12], [15, 30], [500, 900]]

@@ -289,15 +289,10 @@ class _TransformerModel:
     def _chunked(
         self, texts: Sequence[str], forward: Callable[[Any], list[_T]]
     ) -> tuple[list[_T], list[bool]]:
-        """Run ``forward`` over ``texts`` in length-sorted chunks; outputs in input order.
-
-        Sorting by length before chunking keeps padding (wasted compute) small.
-        """
+        """Run ``forward`` over ``texts`` in length-grouped chunks; outputs in input order."""
         outputs: list[Any] = [None] * len(texts)
         truncated = [False] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in length_groups([len(t) for t in texts], self.batch_size):
             with self._lock:
                 inputs, cut = self._tokenize([texts[i] for i in idx])
                 rows = forward(inputs)
@@ -417,6 +412,31 @@ class TextEncoder(_TransformerModel):
             mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
             mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
             return list(torch.nn.functional.normalize(mean, dim=-1))
+
+
+def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length, cut into chunks of at most ``batch_size`` similar lengths.
+
+    A chunk is padded to its longest text, so a new chunk starts when a text is more than twice
+    as long (plus a margin) as the chunk's shortest: one long text among many short ones then
+    costs its own small pass instead of padding every short one to its length.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (
+            len(current) >= batch_size or lengths[i] > 2 * lengths[current[0]] + _LENGTH_MARGIN
+        ):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+# Characters of slack before a longer text starts its own chunk (~16 tokens).
+_LENGTH_MARGIN = 64
 
 
 def rank(labels: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:
