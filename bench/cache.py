@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,27 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchlib import free_port, start_function, wait_for_port
+
 ENDPOINT = "/v1/analyze/sentiment"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 class Client:
@@ -80,29 +61,10 @@ def _p(values: list[float], q: float) -> float:
 
 
 def measure(name: str, env: dict[str, str], requests: int, seconds: float) -> dict[str, Any]:
-    port = _free_port()
-    environ = {
-        **os.environ,
-        "MODEL_DIR": str(REPO / "models" / "sentiment"),
-        "HF_HUB_OFFLINE": "1",
-        "WORKERS": "1",
-        "THREADS": "8",
-        **env,
-    }
-    proc = subprocess.Popen(
-        [
-            str(BIN / "functions-framework"),
-            "--target=sentiment",
-            f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
-            f"--port={port}",
-            "--host=127.0.0.1",
-        ],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    proc = start_function("sentiment", port, env)
     try:
-        _wait(port, proc)
+        wait_for_port(port, proc)
         client = Client(port)
         for i in range(10):
             client.post(f"warm-up text number {i} for {name}")
@@ -158,7 +120,7 @@ def main() -> int:
     redis_exe = shutil.which("redis-server")
     if redis_exe is None:
         raise SystemExit("redis-server is not installed (make services installs it)")
-    redis_port = _free_port()
+    redis_port = free_port()
     workdir = tempfile.mkdtemp()
     redis = subprocess.Popen(
         [
@@ -168,7 +130,7 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
     )
     try:
-        _wait(redis_port, redis)
+        wait_for_port(redis_port, redis)
         configs = {
             "no cache": {"CACHE_MAX_ENTRIES": "0"},
             "in-process": {},

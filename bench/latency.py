@@ -18,16 +18,13 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchlib import free_port, start_function
 
 TICKET = "I was charged twice for my subscription this month, please refund one payment."
 LABELS = ["billing", "bug report", "feature request", "account access", "shipping"]
@@ -70,12 +67,6 @@ def _fresh(payload: dict[str, object]) -> dict[str, object]:
     return payload
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _post(url: str, payload: dict[str, object]) -> float:
     data = json.dumps(_fresh(payload)).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -99,31 +90,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    model_dir = os.environ.get("MODEL_DIR", str(REPO / "models" / args.function))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}{ENDPOINTS[args.function]}"
     # The prediction cache would answer every repeat: measure the model (bench/cache.py measures
-    # the cache).
-    env = {
-        **os.environ,
-        "MODEL_DIR": model_dir,
-        "HF_HUB_OFFLINE": "1",
-        "WORKERS": "1",
-        "CACHE_MAX_ENTRIES": "0",
-    }
+    # the cache). MODEL_DIR, if set, overrides the prepared model.
+    env = {"CACHE_MAX_ENTRIES": "0"}
+    if os.environ.get("MODEL_DIR"):
+        env["MODEL_DIR"] = os.environ["MODEL_DIR"]
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "functions-framework"),
-            f"--target={args.function}",
-            f"--source={REPO / 'functions' / args.function / 'main.py'}",
-            f"--port={port}",
-            "--host=127.0.0.1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_function(args.function, port, env)
     try:
         while True:
             if proc.poll() is not None:
