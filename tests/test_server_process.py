@@ -181,11 +181,21 @@ def test_sigterm_finishes_in_flight_work_and_exits(
     srv = start_server(sentiment_model_dir, tmp_path)
     try:
         assert srv.request("GET", "/v1/health")[0] == 200
-        # Enough work that the requests are still running when the signal arrives.
-        batch = {"texts": [f"Review {i}: " + "the plot was fine but slow. " * 30 for i in range(8)]}
+
+        # Enough work that the requests are still running when the signal arrives: distinct
+        # texts, since identical ones would be computed once and shared (single-flight).
+        def batch(r: int) -> dict[str, list[str]]:
+            return {
+                "texts": [
+                    f"Request {r}, review {i}: " + "the plot was fine but slow. " * 30
+                    for i in range(16)
+                ]
+            }
+
         with ThreadPoolExecutor(4) as pool:
             futures = [
-                pool.submit(srv.request, "POST", "/v1/analyze/sentiment", batch) for _ in range(4)
+                pool.submit(srv.request, "POST", "/v1/analyze/sentiment", batch(r))
+                for r in range(4)
             ]
             time.sleep(0.5)
             assert not all(f.done() for f in futures), "requests finished before SIGTERM"
