@@ -9,7 +9,8 @@ from aifn.settings import int_at_least, positive_int, setting, unit_interval
 DEFAULT_TEMPLATE = "This is about {label}."
 
 
-def _template(raw: str) -> str:
+def check_template(raw: str) -> str:
+    """A label template: ``{label}`` exactly once (raises ``ValueError`` otherwise)."""
     if raw.count("{label}") != 1:
         raise ValueError("must contain '{label}' exactly once")
     return raw
@@ -38,7 +39,7 @@ class ClassifySettings:
         "How a bare label is phrased before it is embedded; must contain `{label}`. A request's "
         "`template` overrides it; a label's description replaces it.",
         DEFAULT_TEMPLATE,
-        parse=_template,
+        parse=check_template,
         shown_default=f"`{DEFAULT_TEMPLATE}`",
     )
     multi_label_threshold: float = setting(

@@ -12,7 +12,7 @@ from typing import Any
 
 import flask
 import functions_framework
-from classify_settings import ClassifySettings
+from classify_settings import ClassifySettings, check_template
 from zero_shot import ZeroShotClassifier
 
 from aifn import runtime
@@ -182,10 +182,10 @@ def parse_descriptions(body: Mapping[str, Any], labels: list[str]) -> dict[str, 
 def parse_template(body: Mapping[str, Any]) -> str:
     if "template" not in body:
         return options.zero_shot_template
-    template = check_string(body["template"], "template", max_chars=200)
-    if template.count("{label}") != 1:
-        raise InvalidRequest("'template' must contain '{label}' exactly once")
-    return template
+    try:
+        return check_template(check_string(body["template"], "template", max_chars=200))
+    except ValueError as exc:
+        raise InvalidRequest(f"'template' {exc}") from None
 
 
 def parse_multi_label(body: Mapping[str, Any]) -> bool:

@@ -26,7 +26,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -245,14 +245,14 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     coalesced: int = 0  # misses answered by another request's computation
-    errors: dict[str, int] | None = None
+    errors: dict[str, int] = field(default_factory=dict)  # by kind
 
     def to_json(self) -> dict[str, Any]:
         return {
             "hits": self.hits,
             "misses": self.misses,
             "coalesced": self.coalesced,
-            "errors": dict(self.errors or {}),
+            "errors": dict(self.errors),
         }
 
 
@@ -287,7 +287,7 @@ class PredictionCache:
         self._suppressed = 0
         self._flights = _Flights()
         self._lock = threading.Lock()
-        self.stats = CacheStats(errors={})
+        self.stats = CacheStats()
 
     def describe(self) -> dict[str, Any]:
         """Backend, breaker state and counters, for health and (later) metrics."""
@@ -417,9 +417,7 @@ class PredictionCache:
 
     def _count(self, kind: str) -> None:
         with self._lock:
-            errors = self.stats.errors
-            assert errors is not None
-            errors[kind] = errors.get(kind, 0) + 1
+            self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
