@@ -21,7 +21,7 @@ import zero_shot
 from classify_settings import DEFAULT_TEMPLATE
 
 from aifn import model as aifn_model
-from aifn import training
+from aifn import quantize, training
 from aifn.model import TextEncoder
 
 NAME = "aifn-zero-shot-minilm"
@@ -65,6 +65,7 @@ def fingerprint() -> dict[str, Any]:
                 "zero_shot": here / "zero_shot.py",
                 "classify_settings": here / "classify_settings.py",
                 "model": Path(aifn_model.__file__),
+                "quantize": Path(quantize.__file__),
             }.items()
         },
         "torch": torch.__version__,
@@ -119,6 +120,11 @@ def build(dest: Path) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
+    metrics["quantization"] = quantize.choose(
+        encoder.module,
+        lambda m: float(evaluate(encoder.with_module(m), test)["descriptions"]["accuracy"]),
+        metric="bbc_test_descriptions_accuracy",
+    )
     metrics["passes_description_bar"] = (
         metrics["bbc_test"]["descriptions"]["accuracy"] >= DESCRIPTION_BAR
     )
@@ -169,6 +175,7 @@ Descriptions used:
 Embedding speed while evaluating: {test["texts_per_second"]} articles/s on {m["machine"]}
 ({m["threads"]} torch threads).
 
+{quantize.card_section(m["quantization"])}
 ## Limits
 
 English. A label's wording matters: a short description of what belongs under it is worth more

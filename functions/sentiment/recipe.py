@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aifn import training
+from aifn import quantize, training
 from aifn.model import ModelIdentity, TextClassifier
 
 NAME = "aifn-sentiment-minilm-vader"
@@ -148,6 +148,7 @@ def fingerprint() -> dict[str, Any]:
         "recipe": NAME,
         "recipe_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "training_sha256": hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest(),
+        "quantize_sha256": hashlib.sha256(Path(quantize.__file__).read_bytes()).hexdigest(),
         "base_model_sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
         "data_sha256": VADER_SDIST_SHA256,
         "config": CONFIG.to_dict(),
@@ -219,6 +220,11 @@ def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any
     metrics["threads"] = torch.get_num_threads()
     metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
     metrics["passes_movie_bar"] = metrics["movie_polar_accuracy"] >= MOVIE_BAR
+    metrics["quantization"] = quantize.choose(
+        model,
+        lambda m: float(evaluate(m, tokenizer, held_out)["movie_polar_accuracy"]),
+        metric="movie_polar_accuracy",
+    )
     training.save_model(model, tokenizer, dest)
     (dest / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
     return metrics
@@ -293,6 +299,7 @@ recipe in `functions/sentiment/recipe.py` of this repository.
 |---|---|---|---|
 {rows}
 
+{quantize.card_section(m["quantization"])}
 ## Licence and citation
 
 Model weights: Apache-2.0 (base model's licence). Training data: MIT, from

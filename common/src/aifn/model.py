@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
+from aifn import quantize as quantization
 from aifn.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -221,13 +222,39 @@ class _TransformerModel:
         """The model's fixed labels, in id order; empty for an encoder."""
         return []
 
+    @property
+    def module(self) -> Any:
+        """The underlying torch module (e.g. to measure a quantized copy of it)."""
+        return self._model
+
+    def with_module(self, module: Any) -> Self:
+        """The same tokenizer and limits around another module (a quantized copy, say)."""
+        return type(self)(
+            module,
+            self._tokenizer,
+            self.identity,
+            max_tokens=self.max_tokens,
+            batch_size=self.batch_size,
+        )
+
     @staticmethod
     def _auto_class() -> Any:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: Path, *, max_tokens: int, batch_size: int, threads: int) -> Self:
-        """Load the model in ``path`` (offline), then warm it up.
+    def load(
+        cls,
+        path: Path,
+        *,
+        max_tokens: int,
+        batch_size: int,
+        threads: int,
+        quantize: str = quantization.OFF,
+    ) -> Self:
+        """Load the model in ``path`` (offline), quantize it as ``quantize`` says, warm it up.
+
+        ``quantize`` is ``QUANTIZE``'s value (:mod:`aifn.quantize`): ``auto`` applies the int8
+        plan recorded when the model was built, if any.
 
         Raises:
             ConfigError: The directory is missing, not usable, or not of this class's kind.
@@ -258,12 +285,17 @@ class _TransformerModel:
         except Exception as exc:  # the libraries raise many types for one cause: a bad directory
             raise ConfigError(f"could not load the model in {path}: {exc}") from exc
         model.eval()
+        plan = quantization.resolve(quantize, path)
+        if plan:
+            quantization.apply(model, plan)
         limit = min(
             max_tokens,
             getattr(model.config, "max_position_embeddings", max_tokens),
             getattr(tokenizer, "model_max_length", max_tokens) or max_tokens,
         )
-        identity = ModelIdentity(model_name(path, config), content_hash(path))
+        # A quantized model's scores differ slightly: it is its own revision (and cache space).
+        revision = content_hash(path) + (f"+{plan}" if plan else "")
+        identity = ModelIdentity(model_name(path, config), revision)
         loaded = cls(model, tokenizer, identity, max_tokens=limit, batch_size=batch_size)
         loaded.warm_up()
         log.info(
@@ -276,6 +308,7 @@ class _TransformerModel:
                     "load_seconds": round(time.perf_counter() - started, 3),
                     "torch_threads": threads,
                     "max_tokens": limit,
+                    "quantization": plan or "float32",
                 }
             },
         )
@@ -445,7 +478,13 @@ def rank(labels: Sequence[str], scores: Sequence[float]) -> list[tuple[str, floa
 
 
 def load_model(
-    path: Path, *, max_tokens: int, batch_size: int, threads: int, kinds: Sequence[str]
+    path: Path,
+    *,
+    max_tokens: int,
+    batch_size: int,
+    threads: int,
+    kinds: Sequence[str],
+    quantize: str = quantization.OFF,
 ) -> TextClassifier | TextEncoder:
     """Load whichever kind of model ``path`` holds, if it is one of ``kinds``.
 
@@ -459,4 +498,6 @@ def load_model(
             f"function serves {' or '.join(kinds)} models"
         )
     cls: type[TextClassifier | TextEncoder] = TextClassifier if kind == CLASSIFIER else TextEncoder
-    return cls.load(path, max_tokens=max_tokens, batch_size=batch_size, threads=threads)
+    return cls.load(
+        path, max_tokens=max_tokens, batch_size=batch_size, threads=threads, quantize=quantize
+    )

@@ -63,6 +63,7 @@ def start(
             max_tokens=settings.max_tokens,
             batch_size=settings.inference_batch_size,
             threads=settings.torch_threads,
+            quantize=settings.quantize,
         )
     except ConfigError as exc:
         log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})

@@ -15,14 +15,34 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aifn import quantize as quantization
 from aifn.errors import ConfigError
 
 
 def cpu_count() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota.
+
+    In a container (Cloud Run, ``docker run --cpus``) the affinity still lists every host CPU;
+    the quota in ``cpu.max`` is what the instance actually gets.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs allowed by the cgroup v2 quota (``cpu.max`` is ``"<quota> <period>"`` or ``max``)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            quota, _, period = f.read().strip().partition(" ")
+        if quota == "max":
+            return None
+        return int(quota) / int(period or "100000")
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def parse_bool(raw: str) -> bool:
@@ -191,8 +211,17 @@ class Settings:
         "TORCH_THREADS",
         "Intra-op threads for inference. One inference runs at a time per instance, so this "
         "should match the instance's vCPUs.",
-        shown_default="the CPUs this process may use",
+        shown_default="the CPUs this process may use (affinity, capped by the cgroup quota)",
         parse=positive_int,
+    )
+    quantize: str = setting(
+        "QUANTIZE",
+        "int8 inference: `auto` applies the int8 plan the model's build measured within 0.5 "
+        "point of float32 (recorded in its card and `aifn-model.json`; none recorded means "
+        "float32), `off` always serves float32, or a plan name (`int8`, `int8-no-ffn-out`, "
+        "`int8-attention`) forces one.",
+        "auto",
+        parse=quantization.parse_choice,
     )
     log_level: str = setting(
         "LOG_LEVEL",

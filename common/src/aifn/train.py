@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aifn import training
+from aifn import quantize, training
 from aifn.errors import ConfigError
 from aifn.model import ModelIdentity, TextClassifier
 
@@ -208,7 +208,11 @@ def fingerprint(
         "data_sha256": data.sha256,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
         "base_model_sha256": sha(base / "model.safetensors"),
-        "code_sha256": {"train": sha(Path(__file__)), "training": sha(Path(training.__file__))},
+        "code_sha256": {
+            "train": sha(Path(__file__)),
+            "training": sha(Path(training.__file__)),
+            "quantize": sha(Path(quantize.__file__)),
+        },
         "config": config.to_dict(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -270,6 +274,11 @@ def build(
         train_seconds=round(train_seconds, 1),
         threads=torch.get_num_threads(),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        quantization=quantize.choose(
+            model,
+            lambda m: float(evaluate(m, tokenizer, test, labels, config.max_length)["accuracy"]),
+            metric="accuracy",
+        ),
     )
     training.save_model(model, tokenizer, dest)
     (dest / "README.md").write_text(
@@ -321,7 +330,8 @@ Accuracy **{m["accuracy"]:.3f}**, macro-F1 **{m["macro_f1"]:.3f}** (n={m["test_n
 | label | training texts | test texts | recall | F1 |
 |---|---|---|---|---|
 {rows}
-"""
+
+{quantize.card_section(m["quantization"])}"""
 
 
 def main(argv: list[str] | None = None) -> int:
