@@ -1,0 +1,63 @@
+# What every file shares: the images, the functions' environment, and the APIs.
+
+locals {
+  labels = merge(var.labels, { app = "aifn", managed-by = "terraform" })
+
+  registry = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.images.repository_id}"
+  images = {
+    for name, f in var.functions : name => coalesce(f.image, "${local.registry}/${name}:${coalesce(var.image_tag, "unset")}")
+  }
+
+  # Settings computed from the Cloud Run sizing, so that batching and backpressure match it:
+  # one gunicorn worker (one model copy) with a thread per request Cloud Run may send, the model
+  # on every vCPU, and a queue that holds what a full instance's requests typically carry.
+  tuned_env = {
+    for name, f in var.functions : name => {
+      WORKERS                 = "1"
+      THREADS                 = tostring(f.concurrency)
+      TORCH_THREADS           = f.cpu
+      MAX_QUEUED_TEXTS        = tostring(f.concurrency * f.texts_per_request)
+      REQUEST_TIMEOUT_SECONDS = tostring(f.model_timeout_seconds)
+    }
+  }
+
+  # Memorystore as the cache issue expects it: host, TLS port, and the server CA (public, PEM
+  # text); the AUTH string is a Secret Manager reference added in the container's env blocks.
+  redis_env = var.redis.enabled ? {
+    REDIS_HOST    = google_redis_instance.cache[0].host
+    REDIS_PORT    = tostring(google_redis_instance.cache[0].port)
+    REDIS_CA_CERT = google_redis_instance.cache[0].server_ca_certs[0].cert
+  } : {}
+
+  env = {
+    for name, f in var.functions : name => merge(
+      local.tuned_env[name],
+      f.env,
+      local.redis_env,
+      { GOOGLE_CLOUD_PROJECT = var.project_id },
+    )
+  }
+
+  apis = toset([
+    "artifactregistry.googleapis.com",
+    "cloudresourcemanager.googleapis.com",
+    "compute.googleapis.com",
+    "eventarc.googleapis.com",
+    "iam.googleapis.com",
+    "logging.googleapis.com",
+    "monitoring.googleapis.com",
+    "pubsub.googleapis.com",
+    "redis.googleapis.com",
+    "run.googleapis.com",
+    "secretmanager.googleapis.com",
+    "storage.googleapis.com",
+  ])
+}
+
+resource "google_project_service" "enabled" {
+  for_each = var.enable_apis ? local.apis : toset([])
+
+  project            = var.project_id
+  service            = each.value
+  disable_on_destroy = false
+}
