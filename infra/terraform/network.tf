@@ -26,3 +26,25 @@ resource "google_compute_subnetwork" "run" {
     metadata             = "INCLUDE_ALL_METADATA"
   }
 }
+
+# Nothing connects into this VPC: Cloud Run only egresses through it and Memorystore is peered.
+# The implied rule already denies ingress; this one states it and logs what it stops.
+# AVD-GCP-0074 warns about "all ports" in allow rules; this rule denies them.
+#trivy:ignore:AVD-GCP-0074
+resource "google_compute_firewall" "deny_ingress" {
+  project     = var.project_id
+  name        = "${var.name_prefix}-deny-ingress"
+  network     = google_compute_network.vpc.id
+  direction   = "INGRESS"
+  priority    = 65534
+  description = "Deny all ingress to the functions' VPC."
+
+  deny {
+    protocol = "all"
+  }
+  source_ranges = ["0.0.0.0/0"]
+
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}

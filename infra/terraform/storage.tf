@@ -6,18 +6,20 @@ locals {
   buckets = {
     models = {
       name        = "${var.project_id}-${var.name_prefix}-models"
-      versioning  = true
       retain_days = 0
     }
     batch = {
       name        = "${var.project_id}-${var.name_prefix}-batch"
-      versioning  = false
       retain_days = var.batch.retention_days
     }
   }
 }
 
+# Encryption at rest with Google-managed keys: a customer-managed key would add a KMS key ring
+# and its IAM to a deployment whose objects are public model weights and the user's own files.
+#trivy:ignore:AVD-GCP-0066
 resource "google_storage_bucket" "this" {
+  #checkov:skip=CKV_GCP_62:Usage-log buckets are legacy; enable Data Access audit logs for storage.googleapis.com to record object reads.
   for_each = local.buckets
 
   project  = var.project_id
@@ -29,8 +31,20 @@ resource "google_storage_bucket" "this" {
   public_access_prevention    = "enforced"
   force_destroy               = var.force_destroy_buckets
 
+  # An overwritten or deleted object (a model, an input, a prediction rewritten by a redelivered
+  # event) stays recoverable for a week as a noncurrent version.
   versioning {
-    enabled = each.value.versioning
+    enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = 7
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
   }
 
   dynamic "lifecycle_rule" {
