@@ -31,7 +31,7 @@ TRAIN_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model train venv dev clean bench bench-cache services
+.PHONY: help serve test lint fmt model train venv dev clean bench bench-cache services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -99,6 +99,10 @@ lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ a
 	$(VENV)/bin/mypy
 	@# One run per function: each folder is its own top-level import root (main, recipe, ...).
 	for f in functions/*/; do MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
+
+# Needs only terraform (preinstalled) and python3: installs its own tools into .cache/infra.
+infra-check:  ## Terraform, offline: fmt, validate and terraform test against hashicorp/google's schema, checkov, trivy.
+	PYTHON=$(PYTHON) bash infra/tools/check.sh
 
 fmt: $(DEV_STAMP)  ## Format the code with ruff.
 	$(VENV)/bin/ruff check --fix .
