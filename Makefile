@@ -72,7 +72,7 @@ train: $(RUNTIME_STAMP)  ## Fine-tune a classifier: make train DATA=tickets.json
 serve: model  ## Serve sentiment on :$(PORT) and classify on :$(CLASSIFY_PORT) (gunicorn via functions-framework).
 	@echo "sentiment: http://localhost:$(PORT)/v1/analyze/sentiment"
 	@echo "classify:  http://localhost:$(CLASSIFY_PORT)/v1/classify   (Ctrl-C stops both)"
-	export HF_HUB_OFFLINE=1 WORKERS=1 THREADS=$${THREADS:-8}; \
+	export HF_HUB_OFFLINE=1 WORKERS=1; \
 	trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT; \
 	MODEL_DIR=$(SENTIMENT_MODEL_DIR) $(VENV)/bin/functions-framework --target sentiment \
 		--source functions/sentiment/main.py --port $(PORT) & \

@@ -32,13 +32,15 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120
 
 
 def start_function(function: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """functions-framework (gunicorn, 1 worker, 8 threads) serving ``function`` on ``port``."""
+    """functions-framework (gunicorn, one worker) serving ``function`` on ``port``.
+
+    Threads and everything else are the function's defaults unless ``env`` sets them.
+    """
     environ = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "THREADS"},
         "MODEL_DIR": str(REPO / "models" / function),
         "HF_HUB_OFFLINE": "1",
         "WORKERS": "1",
-        "THREADS": "8",
         **env,
     }
     return subprocess.Popen(

@@ -128,3 +128,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def served_revision(model_dir: Path) -> str:
+    """The revision a function reports for ``model_dir`` with the default ``QUANTIZE=auto``."""
+    from aifn import quantize
+    from aifn.model import content_hash
+
+    plan = quantize.recorded_plan(model_dir)
+    return content_hash(model_dir) + (f"+{plan}" if plan else "")

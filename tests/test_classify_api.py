@@ -16,9 +16,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from aifn.model import content_hash
-
-from .conftest import REPO
+from .conftest import REPO, served_revision
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +119,7 @@ def test_clear_texts_get_their_label_in_input_order(client: Any, classify_model_
     body = classify(client, {"texts": [t for _, t, _ in CLEAR], "labels": TICKETS})
     assert body["model"] == {
         "name": "aifn-zero-shot-minilm",
-        "revision": content_hash(classify_model_dir),
+        "revision": served_revision(classify_model_dir),
     }
     assert body["mode"] == "zero-shot"
     assert body["multi_label"] is False
@@ -368,5 +366,5 @@ def test_health_reports_the_encoder(
     assert body["labels"] == []
     assert body["model"] == {
         "name": "aifn-zero-shot-minilm",
-        "revision": content_hash(classify_model_dir),
+        "revision": served_revision(classify_model_dir),
     }

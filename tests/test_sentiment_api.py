@@ -16,9 +16,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from aifn.model import content_hash
-
-from .conftest import REPO
+from .conftest import REPO, served_revision
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +86,7 @@ def test_single_text_response(
     assert response.mimetype == "application/json"
     body = response.get_json()
     jsonschema.validate(body, _schema(openapi, "PredictionResponse"))
-    assert body["model"]["revision"] == content_hash(sentiment_model_dir)
+    assert body["model"]["revision"] == served_revision(sentiment_model_dir)
     assert body["model"]["name"] == "aifn-sentiment-minilm-vader"
     (result,) = body["results"]
     assert result["label"] == "POSITIVE"

@@ -38,6 +38,8 @@ def test_every_variable_is_read() -> None:
         "MAX_QUEUED_TEXTS": "40",
         "REQUEST_TIMEOUT_SECONDS": "12",
         "TORCH_THREADS": "3",
+        "THREADS": "24",
+        "QUANTIZE": "OFF",
         "LOG_LEVEL": "debug",
         "LOG_REQUEST_TEXT": "true",
         "GOOGLE_CLOUD_PROJECT": "my-proj",
@@ -62,6 +64,8 @@ def test_every_variable_is_read() -> None:
         max_queued_texts=40,
         request_timeout_seconds=12.0,
         torch_threads=3,
+        threads=24,
+        quantize="off",
         log_level="DEBUG",
         log_request_text=True,
         google_cloud_project="my-proj",
@@ -94,6 +98,8 @@ def test_empty_values_mean_default() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("LOG_REQUEST_TEXT", "maybe"),
         ("TORCH_THREADS", "1.5"),
+        ("THREADS", "0"),
+        ("QUANTIZE", "int4"),
     ],
 )
 def test_invalid_values_name_the_variable(var: str, value: str) -> None:

@@ -7,6 +7,7 @@ opens the port; so a function either serves a warmed-up model or exits with a cl
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from aifn.cache import from_settings
 from aifn.errors import ConfigError
 from aifn.model import CLASSIFIER, TextClassifier, load_model
 from aifn.service import Service
-from aifn.settings import Settings, cpu_count, read_env
+from aifn.settings import Settings, machine_defaults, read_env
 
 log = logging.getLogger(__name__)
 _S = TypeVar("_S")
@@ -53,8 +54,10 @@ def start(
         SystemExit: A setting or the model directory is unusable (after logging why).
     """
     settings = read_settings(
-        function, Settings, defaults={"model_dir": default_model_dir, "torch_threads": cpu_count()}
+        function, Settings, defaults={"model_dir": default_model_dir, **machine_defaults()}
     )
+    # functions-framework sizes gunicorn's thread pool from THREADS after importing the function.
+    os.environ["THREADS"] = str(settings.threads)
     logs.configure(settings.log_level, settings.google_cloud_project)
     try:
         model = load_model(

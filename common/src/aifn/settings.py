@@ -33,6 +33,18 @@ def cpu_count() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
+# Request threads per vCPU when THREADS is unset. A thread per in-flight request lets every
+# request the instance holds reach the model worker's queue (where backpressure and batching
+# apply) instead of waiting unseen in gunicorn's; threads waiting on the model cost ~nothing.
+THREADS_PER_CPU = 16
+
+
+def machine_defaults() -> dict[str, int]:
+    """Defaults that follow the instance's CPUs: torch threads and gunicorn request threads."""
+    cpus = cpu_count()
+    return {"torch_threads": cpus, "threads": THREADS_PER_CPU * cpus}
+
+
 def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
     """CPUs allowed by the cgroup v2 quota (``cpu.max`` is ``"<quota> <period>"`` or ``max``)."""
     try:
@@ -214,6 +226,14 @@ class Settings:
         shown_default="the CPUs this process may use (affinity, capped by the cgroup quota)",
         parse=positive_int,
     )
+    threads: int = setting(
+        "THREADS",
+        "Request threads of the gunicorn worker (functions-framework's own variable; the function "
+        "fills in this default before gunicorn starts). Match it to Cloud Run's concurrency, so "
+        "every request the instance holds is visible to batching and backpressure.",
+        shown_default=f"{THREADS_PER_CPU} per CPU",
+        parse=positive_int,
+    )
     quantize: str = setting(
         "QUANTIZE",
         "int8 inference: `auto` applies the int8 plan the model's build measured within 0.5 "
@@ -318,7 +338,7 @@ class Settings:
         return read_env(
             cls,
             environ,
-            defaults={"model_dir": default_model_dir, "torch_threads": cpu_count()},
+            defaults={"model_dir": default_model_dir, **machine_defaults()},
         )
 
 

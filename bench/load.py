@@ -1,0 +1,368 @@
+"""Throughput under concurrency: our sentiment function against the seed's naive pattern.
+
+In one run, side by side on the same machine and the same model directory:
+
+* **ours**: ``functions-framework --target sentiment`` as ``make serve`` runs it (gunicorn, one
+  worker, the defaults for threads, dynamic batching, backpressure and int8), prediction cache off
+  (every text is new anyway);
+* **baseline**: ``bench/baseline_app.py``, the seed article's FastAPI app: a ``transformers``
+  pipeline called once per request, one request at a time.
+
+For each, it measures the cold start (process start -> first successful prediction) with the
+machine otherwise idle, then drives it with ``bench/loadgen.py`` (a second process, closed loop,
+keep-alive, a new text every request) at each connection count, alternating the two servers at
+each step; then at 4x the saturating load (4x the fewest connections that reach 95% of our peak
+throughput). Reported per run: successful requests/s, p50/p99 latency of the successful
+requests, every status and connection error, and the peak memory (PSS of the process tree).
+
+Usage: ``python bench/load.py [--connections 1,8,32,64] [--duration 15] [--json F] [--plot F]``
+(``make bench-load``). The machine is shared and noisy: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib import BIN, REPO, free_port, start_function
+
+HERE = Path(__file__).resolve().parent
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def memory_mb(root: int) -> float:
+    """Memory of a process tree: the sum of each process's PSS.
+
+    PSS, not RSS: gunicorn forks its worker from a master that already holds the model, and the
+    pages they share would count twice in a sum of RSS.
+    """
+    total = 0
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples a process tree's memory every 50 ms in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, memory_mb(self.pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    body: dict[str, str]
+    start: Any  # () -> Popen
+    proc: subprocess.Popen[bytes] | None = None
+    cold_start_s: float = 0.0
+    idle_mb: float = 0.0
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def launch(self) -> None:
+        """Start the process and time it to the first successful prediction."""
+        started = time.perf_counter()
+        self.proc = self.start()
+        data = json.dumps(self.body).encode()
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name}: server exited with {self.proc.returncode}")
+            request = urllib.request.Request(
+                self.url, data=data, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.02)
+        self.cold_start_s = time.perf_counter() - started
+        time.sleep(1)
+        self.idle_mb = memory_mb(self.proc.pid)
+
+    def load(self, connections: int, duration: float, warmup: float) -> dict[str, Any]:
+        assert self.proc is not None
+        with PeakMemory(self.proc.pid) as memory:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE / "loadgen.py"),
+                    self.url,
+                    f"--connections={connections}",
+                    f"--duration={duration}",
+                    f"--warmup={warmup}",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        result: dict[str, Any] = json.loads(out)
+        result["peak_memory_mb"] = round(memory.peak, 1)
+        self.runs.append(result)
+        return result
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def ours(port: int, model_dir: Path, extra_env: dict[str, str]) -> Server:
+    return Server(
+        "ours",
+        f"http://127.0.0.1:{port}/v1/analyze/sentiment",
+        {"text": "The support team answered quickly and solved my problem."},
+        lambda: start_function(
+            "sentiment",
+            port,
+            {"CACHE_MAX_ENTRIES": "0", "MODEL_DIR": str(model_dir), **extra_env},
+        ),
+    )
+
+
+def baseline(port: int, model_dir: Path) -> Server:
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1"}
+    command = [
+        str(BIN / "python"),
+        "-m",
+        "uvicorn",
+        "baseline_app:app",
+        f"--app-dir={HERE}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--log-level=warning",
+        "--no-access-log",
+    ]
+    return Server(
+        "baseline",
+        f"http://127.0.0.1:{port}/analyze",
+        {"text": "The support team answered quickly and solved my problem."},
+        lambda: subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ),
+    )
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.1f}{unit}"
+
+
+def _statuses(run: dict[str, Any]) -> str:
+    parts = [f"{n}x{code}" for code, n in run["statuses"].items()]
+    parts += [f"{n} {kind} errors" for kind, n in run["errors"].items()]
+    return ", ".join(parts) or "none"
+
+
+def table(servers: list[Server]) -> str:
+    lines = [
+        "| connections | server | requests/s | p50 | p99 | responses | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i in range(len(servers[0].runs)):
+        for s in servers:
+            r = s.runs[i]
+            lines.append(
+                f"| {r['connections']}{' (4x saturation)' if r.get('overload') else ''} "
+                f"| {s.name} | {_fmt(r['ok_per_second'])} | {_fmt(r['ok_p50_ms'], ' ms')} "
+                f"| {_fmt(r['ok_p99_ms'], ' ms')} | {_statuses(r)} | {r['peak_memory_mb']:.0f} MB |"
+            )
+    return "\n".join(lines)
+
+
+def verdicts(us: Server, base: Server) -> list[tuple[str, float, float, bool]]:
+    def at(server: Server, connections: int) -> dict[str, Any] | None:
+        return next(
+            (r for r in server.runs if r["connections"] == connections and not r.get("overload")),
+            None,
+        )
+
+    out = []
+    u32, b32, u1, b1 = at(us, 32), at(base, 32), at(us, 1), at(base, 1)
+    if u32 and b32:
+        ratio = u32["ok_per_second"] / max(b32["ok_per_second"], 1e-9)
+        out.append(("requests/s at 32 connections, ours / baseline", ratio, 3.0, ratio >= 3.0))
+        ratio = (u32["ok_p99_ms"] or 1e9) / max(b32["ok_p99_ms"] or 1e-9, 1e-9)
+        out.append(("p99 at 32 connections, ours / baseline", ratio, 0.5, ratio <= 0.5))
+    if u1 and b1:
+        ratio = (u1["ok_p50_ms"] or 1e9) / max(b1["ok_p50_ms"] or 1e-9, 1e-9)
+        out.append(("median at 1 connection, ours / baseline", ratio, 1.1, ratio <= 1.1))
+    ratio = us.cold_start_s / base.cold_start_s
+    out.append(("cold start, ours / baseline", ratio, 0.8, ratio <= 0.8))
+    over = next((r for r in us.runs if r.get("overload")), None)
+    if over:
+        clean = set(over["statuses"]) <= {"200", "429"} and not over["errors"]
+        out.append(("4x saturation: only 200 and 429, no connection errors", 1.0, 1.0, clean))
+    return out
+
+
+def plot(servers: list[Server], path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s, style in zip(servers, ("o-", "s--"), strict=True):
+        runs = [r for r in s.runs if not r.get("overload")]
+        x = [r["connections"] for r in runs]
+        left.plot(x, [r["ok_per_second"] for r in runs], style, label=s.name)
+        right.plot(x, [r["ok_p99_ms"] for r in runs], style, label=s.name)
+    for ax, title in ((left, "successful requests/s"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent connections")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    right.set_yscale("log")
+    fig.suptitle(f"sentiment, one instance: {machine}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", default="1,8,32,64")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds recorded per run")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds sent, not recorded")
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "sentiment")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for our function (repeatable), e.g. --env BATCH_WAIT_MS=2",
+    )
+    parser.add_argument("--no-overload", action="store_true", help="skip the 4x saturation run")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--plot", type=Path, help="also draw them here (PNG)")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.connections.split(",")]
+
+    cpus = len(os.sched_getaffinity(0))
+    machine = (
+        f"{platform.machine()}, {cpus} CPUs, {platform.processor() or 'cpu'}, "
+        f"Python {platform.python_version()}"
+    )
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    servers = [
+        ours(free_port(), args.model_dir, extra_env),
+        baseline(free_port(), args.model_dir),
+    ]
+    try:
+        for s in servers:  # one at a time: a cold start measured on an otherwise idle machine
+            s.launch()
+            print(f"{s.name}: cold start {s.cold_start_s:.2f} s, idle {s.idle_mb:.0f} MB")
+        for c in levels:
+            for s in servers:
+                r = s.load(c, args.duration, args.warmup)
+                print(
+                    f"{s.name:>8} {c:>4} conns: {r['ok_per_second']:>7.1f} req/s  "
+                    f"p50 {_fmt(r['ok_p50_ms'], ' ms')}  p99 {_fmt(r['ok_p99_ms'], ' ms')}  "
+                    f"[{_statuses(r)}]  peak {r['peak_memory_mb']:.0f} MB",
+                    flush=True,
+                )
+        if not args.no_overload:
+            peak = max(r["ok_per_second"] for r in servers[0].runs)
+            saturating = next(
+                r["connections"] for r in servers[0].runs if r["ok_per_second"] >= 0.95 * peak
+            )
+            for s in servers:
+                r = s.load(4 * saturating, args.duration, args.warmup)
+                r["overload"] = True
+                print(
+                    f"{s.name:>8} {4 * saturating:>4} conns (4x saturation): "
+                    f"{r['ok_per_second']:.1f} req/s  p99 {_fmt(r['ok_p99_ms'], ' ms')}  "
+                    f"[{_statuses(r)}]  peak {r['peak_memory_mb']:.0f} MB",
+                    flush=True,
+                )
+    finally:
+        for s in servers:
+            s.stop()
+
+    print(f"\nsentiment, one instance, {machine}\n")
+    print(table(servers))
+    print(
+        f"\ncold start (process start -> first prediction): ours {servers[0].cold_start_s:.2f} s, "
+        f"baseline {servers[1].cold_start_s:.2f} s\n"
+    )
+    checks = verdicts(*servers)
+    for name, value, target, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f} (target {target})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "machine": machine,
+            "servers": {
+                s.name: {"cold_start_s": s.cold_start_s, "idle_mb": s.idle_mb, "runs": s.runs}
+                for s in servers
+            },
+            "checks": [
+                {"check": n, "value": round(v, 3), "target": t, "ok": ok} for n, v, t, ok in checks
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.plot:
+        plot(servers, args.plot, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
