@@ -79,6 +79,24 @@ def test_local_source_is_copied_then_cached(sentiment_model_dir: Path, tmp_path:
     assert model_source.prepare(str(src), dest)["cached"] is False
 
 
+def test_a_prepared_local_model_keeps_its_name_and_figures(
+    sentiment_model_dir: Path, tmp_path: Path
+) -> None:
+    # What the container's model stage does with models/<function>: the copy must serve the same
+    # identity and keep the build record's figures (they carry QUANTIZE=auto's int8 plan).
+    src = _copy_model(sentiment_model_dir, tmp_path / "sentiment")
+    record = {"name": "aifn-sentiment-test", "metrics": {"accuracy": 0.9, "quantization": {}}}
+    (src / BUILD_INFO).write_text(json.dumps(record))
+    dest = tmp_path / "image" / "model"
+    model_source.prepare(str(src), dest)
+    info = json.loads((dest / BUILD_INFO).read_text())
+    assert info["name"] == "aifn-sentiment-test"
+    assert info["metrics"] == record["metrics"]
+    assert info["source"] == str(src)
+    loaded = TextClassifier.load(dest, max_tokens=64, batch_size=8, threads=1)
+    assert loaded.identity.name == "aifn-sentiment-test"
+
+
 def test_a_failing_build_leaves_the_previous_model_untouched(
     sentiment_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -146,7 +146,11 @@ def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
     path = Path(source.location).expanduser()
     if not path.is_dir():
         raise ConfigError(f"local model source {path} is not a directory")
-    return path.resolve().name, {"kind": "local", "sha256": _tree_hash(path)}
+    # A directory this step prepared before (e.g. models/<function>, copied into an image)
+    # keeps the name it was built under, so the copy serves the same model identity.
+    recorded = (read_info(path) or {}).get("name")
+    name = recorded if isinstance(recorded, str) and recorded else path.resolve().name
+    return name, {"kind": "local", "sha256": _tree_hash(path)}
 
 
 def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
@@ -181,9 +185,12 @@ def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
         )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
         return {}
-    shutil.copytree(Path(source.location).expanduser(), tmp, dirs_exist_ok=True)
+    path = Path(source.location).expanduser()
+    shutil.copytree(path, tmp, dirs_exist_ok=True)
     (tmp / BUILD_INFO).unlink(missing_ok=True)
-    return {}
+    # ... and its recorded figures, which include the int8 plan QUANTIZE=auto serves.
+    metrics = (read_info(path) or {}).get("metrics")
+    return dict(metrics) if isinstance(metrics, dict) else {}
 
 
 def read_info(dest: Path) -> dict[str, Any] | None:
