@@ -3,19 +3,22 @@
 Entry point ``classify`` (functions-framework HTTP target). Endpoints: ``POST /v1/classify``,
 ``GET /v1/health``, ``GET /openapi.json``. The mode follows the model in ``MODEL_DIR``: a sentence
 encoder (the default, packaged MiniLM) scores any labels the request names; a classifier trained
-with ``make train`` answers with its own labels.
+with ``make train`` answers with its own labels. Entry point ``classify_batch`` (CloudEvent
+target): a Cloud Storage file of texts in, a predictions file out (:mod:`aifn.batch`).
 """
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import flask
 import functions_framework
 from classify_settings import ClassifySettings, check_template
+from cloudevents.http import CloudEvent
 from zero_shot import ZeroShotClassifier
 
-from aifn import runtime
+from aifn import batch, runtime
 from aifn.errors import InvalidRequest
 from aifn.model import CLASSIFIER, ENCODER, Prediction, TextClassifier, TextEncoder, rank
 from aifn.openapi import ref
@@ -24,7 +27,8 @@ from aifn.validation import check_string, json_type, parse_texts, require_object
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_LABEL_CHARS = 100
 MAX_DESCRIPTION_CHARS = 1000
-FIELDS = {"text", "texts", "labels", "descriptions", "multi_label", "template"}
+OPTION_FIELDS = frozenset({"labels", "descriptions", "multi_label", "template"})
+FIELDS = {"text", "texts", *OPTION_FIELDS}
 
 options = runtime.read_settings("classify", ClassifySettings)
 service = runtime.start(
@@ -240,36 +244,75 @@ def fine_tuned(
 def classify_texts(body: Any) -> dict[str, Any]:
     request = require_object(body, allowed=FIELDS)
     texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
+    parsed = parse_options(request)
+    return {
+        "model": service.model.identity.to_json(),
+        "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
+        "multi_label": parsed.multi_label,
+        "results": [p.to_json() for p in predict(texts, parsed)],
+    }
+
+
+@dataclass(frozen=True)
+class Options:
+    """A request's fields besides its texts, validated (hashable: batch files group by it)."""
+
+    labels: tuple[str, ...] | None
+    descriptions: tuple[tuple[str, str], ...] = ()
+    template: str = ""
+    multi_label: bool = False
+
+
+def parse_options(request: Mapping[str, Any]) -> Options:
     labels = parse_labels(request, required=zero_shot is not None)
     multi_label = parse_multi_label(request)
     if zero_shot is not None:
         assert labels is not None
-        predictions = zero_shot.classify(
+        return Options(
+            tuple(labels),
+            tuple(parse_descriptions(request, labels).items()),
+            parse_template(request),
+            multi_label,
+        )
+    for field in ("descriptions", "template", "multi_label"):
+        if field in request and request[field] is not False:
+            raise InvalidRequest(
+                f"'{field}' applies to zero-shot models only; this deployment serves a "
+                f"fine-tuned classifier with the labels {service.model.labels}"
+            )
+    return Options(tuple(labels) if labels is not None else None)
+
+
+def predict(texts: list[str], parsed: Options) -> list[Prediction]:
+    """Through the prediction cache, then the batcher: the same path for HTTP and batch files."""
+    if zero_shot is not None:
+        assert parsed.labels is not None
+        return zero_shot.classify(
             texts,
-            labels,
-            descriptions=parse_descriptions(request, labels),
-            template=parse_template(request),
-            multi_label=multi_label,
+            list(parsed.labels),
+            descriptions=dict(parsed.descriptions),
+            template=parsed.template,
+            multi_label=parsed.multi_label,
             threshold=options.multi_label_threshold,
             cache=service.cache,
         )
-    else:
-        for field in ("descriptions", "template", "multi_label"):
-            if field in request and request[field] is not False:
-                raise InvalidRequest(
-                    f"'{field}' applies to zero-shot models only; this deployment serves a "
-                    f"fine-tuned classifier with the labels {service.model.labels}"
-                )
-        assert isinstance(service.model, TextClassifier)
-        predictions = fine_tuned(service.model, texts, labels)
-    return {
-        "model": service.model.identity.to_json(),
-        "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
-        "multi_label": multi_label,
-        "results": [p.to_json() for p in predictions],
-    }
+    assert isinstance(service.model, TextClassifier)
+    return fine_tuned(
+        service.model, texts, list(parsed.labels) if parsed.labels is not None else None
+    )
+
+
+files = batch.Processor.start(
+    service, predict=predict, option_fields=OPTION_FIELDS, parse_options=parse_options
+)
 
 
 @functions_framework.http
 def classify(request: flask.Request) -> flask.Response:
     return service(request)
+
+
+@functions_framework.cloud_event
+def classify_batch(event: CloudEvent) -> None:
+    """A file finalized under ``BATCH_INPUT_PREFIX`` -> its predictions and errors files."""
+    files.handle_event(event)

@@ -1,7 +1,9 @@
 """Sentiment analysis: NEGATIVE, NEUTRAL or POSITIVE for short English texts.
 
 Entry point ``sentiment`` (functions-framework HTTP target). Endpoints:
-``POST /v1/analyze/sentiment``, ``GET /v1/health``, ``GET /openapi.json``.
+``POST /v1/analyze/sentiment``, ``GET /v1/health``, ``GET /openapi.json``. Entry point
+``sentiment_batch`` (CloudEvent target): a Cloud Storage file of texts in, a predictions file
+out (:mod:`aifn.batch`).
 """
 
 from pathlib import Path
@@ -9,8 +11,9 @@ from typing import Any, cast
 
 import flask
 import functions_framework
+from cloudevents.http import CloudEvent
 
-from aifn import runtime
+from aifn import batch, runtime
 from aifn.model import Prediction, TextClassifier, rank
 from aifn.openapi import ref
 from aifn.validation import parse_texts, require_object
@@ -42,18 +45,31 @@ def analyze(body: Any) -> dict[str, Any]:
         require_object(body, allowed={"text", "texts"}),
         max_texts=service.settings.max_batch_texts,
     )
-    rows = service.cache.get_or_compute(
-        request.texts, params=None, width=len(model.labels), compute=service.batcher
-    )
     return {
         "model": model.identity.to_json(),
-        "results": [
-            Prediction(rank(model.labels, s.values), s.truncated, cached=cached).to_json()
-            for s, cached in rows
-        ],
+        "results": [p.to_json() for p in predict(request.texts)],
     }
+
+
+def predict(texts: list[str], _options: object = None) -> list[Prediction]:
+    """Through the prediction cache, then the batcher: the same path for HTTP and batch files."""
+    rows = service.cache.get_or_compute(
+        texts, params=None, width=len(model.labels), compute=service.batcher
+    )
+    return [
+        Prediction(rank(model.labels, s.values), s.truncated, cached=cached) for s, cached in rows
+    ]
+
+
+files = batch.Processor.start(service, predict=predict)
 
 
 @functions_framework.http
 def sentiment(request: flask.Request) -> flask.Response:
     return service(request)
+
+
+@functions_framework.cloud_event
+def sentiment_batch(event: CloudEvent) -> None:
+    """A file finalized under ``BATCH_INPUT_PREFIX`` -> its predictions and errors files."""
+    files.handle_event(event)
