@@ -1,0 +1,463 @@
+"""Integration tests: batch files through the real sentiment model and a real Cloud Storage client.
+
+The function is loaded as Cloud Run's batch service runs it: functions-framework's ``create_app``
+with ``target=sentiment_batch`` and the ``cloudevent`` signature. Files are uploaded with the real
+google-cloud-storage client to ``gcp-storage-emulator`` (started by the ``storage_emulator``
+fixture), and the "object finalized" event Eventarc would send is POSTed to the function as a
+binary-mode CloudEvent. Eventarc itself is not exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import functions_framework
+import pytest
+
+from aifn import batch
+from aifn.batch import FINALIZED, Shard
+from aifn.batch_io import Location
+from aifn.cache import PredictionCache
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SOURCE = REPO / "functions" / "sentiment" / "main.py"
+BUCKET = "aifn-batch-test"
+
+
+@pytest.fixture(autouse=True)
+def _emulator_env(storage_emulator: str) -> None:
+    os.environ["STORAGE_EMULATOR_HOST"] = storage_emulator
+
+
+@pytest.fixture(scope="module")
+def bucket(storage_emulator: str) -> Any:
+    os.environ["STORAGE_EMULATOR_HOST"] = storage_emulator
+    from google.cloud import storage
+
+    client = storage.Client(project="test")
+    return client.lookup_bucket(BUCKET) or client.create_bucket(BUCKET)
+
+
+@pytest.fixture(scope="module")
+def app(sentiment_model_dir: Path, storage_emulator: str) -> tuple[Any, Any]:
+    """(test client of the sentiment_batch CloudEvent app, its main module)."""
+    saved = dict(os.environ)
+    os.environ.update(
+        {
+            "MODEL_DIR": str(sentiment_model_dir),
+            "STORAGE_EMULATOR_HOST": storage_emulator,
+            "BATCH_CHUNK_SIZE": "64",
+        }
+    )
+    try:
+        flask_app = functions_framework.create_app(
+            target="sentiment_batch", source=str(SOURCE), signature_type="cloudevent"
+        )
+        module = sys.modules["main"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return flask_app.test_client(), module
+
+
+@pytest.fixture
+def client(app: tuple[Any, Any]) -> Any:
+    return app[0]
+
+
+@pytest.fixture
+def main(app: tuple[Any, Any]) -> Any:
+    return app[1]
+
+
+@pytest.fixture
+def folder() -> str:
+    """A fresh folder name, so tests never see each other's objects."""
+    return uuid.uuid4().hex[:8]
+
+
+def upload(bucket: Any, name: str, content: str) -> Any:
+    blob = bucket.blob(name)
+    blob.upload_from_string(content.encode("utf-8"))
+    blob.reload()
+    return blob
+
+
+def deliver(client: Any, blob: Any, *, event_id: str | None = None, kind: str = FINALIZED) -> Any:
+    """POST the CloudEvent Eventarc sends for a finalized object (binary content mode)."""
+    data = {
+        "bucket": blob.bucket.name,
+        "name": blob.name,
+        "generation": str(blob.generation),
+        "metageneration": "1",
+        "size": str(blob.size),
+        "contentType": "application/octet-stream",
+    }
+    response = client.post(
+        "/",
+        json=data,
+        headers={
+            "ce-id": event_id or uuid.uuid4().hex,
+            "ce-specversion": "1.0",
+            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
+            "ce-type": kind,
+            "ce-subject": f"objects/{blob.name}",
+            "ce-time": "2026-11-27T00:00:00Z",
+        },
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response
+
+
+def read(bucket: Any, name: str) -> list[dict[str, Any]]:
+    blob = bucket.get_blob(name)
+    assert blob is not None, f"{name} was not written"
+    return [json.loads(line) for line in blob.download_as_text().splitlines()]
+
+
+def names(bucket: Any, prefix: str) -> list[str]:
+    return sorted(b.name for b in bucket.client.list_blobs(bucket.name, prefix=prefix))
+
+
+TICKETS = [
+    ("t-1", "I love the new dashboard, it is fantastic."),
+    ("t-2", "Still waiting for a refund after three weeks, this is awful."),
+    ("t-3", "The invoice is attached."),
+]
+
+
+def test_jsonl_event_writes_predictions_and_errors(client: Any, bucket: Any, folder: str) -> None:
+    lines = [json.dumps({"id": i, "text": t}) for i, t in TICKETS]
+    lines.insert(1, "{broken json")
+    lines.append(json.dumps({"text": "No id on this one, but it is great."}))
+    lines.append(json.dumps({"id": "t-9", "text": ""}))
+    blob = upload(bucket, f"inputs/{folder}/tickets.jsonl", "\n".join(lines) + "\n")
+
+    deliver(client, blob)
+
+    predictions = read(bucket, f"predictions/{folder}/tickets.jsonl")
+    assert [(p["id"], p["line"]) for p in predictions] == [
+        ("t-1", 1),
+        ("t-2", 3),
+        ("t-3", 4),
+        (5, 5),  # no id: the line number
+    ]
+    assert [p["label"] for p in predictions] == ["POSITIVE", "NEGATIVE", "NEUTRAL", "POSITIVE"]
+    for p in predictions:
+        assert p["labels"][0]["label"] == p["label"]
+        assert abs(sum(lbl["score"] for lbl in p["labels"]) - 1) < 1e-4
+    errors = read(bucket, f"predictions/{folder}/tickets.errors.jsonl")
+    assert [(e["line"], e["id"]) for e in errors] == [(2, None), (6, "t-9")]
+    assert errors[0]["error"].startswith("not valid JSON")
+    meta = bucket.get_blob(f"predictions/{folder}/tickets.jsonl").metadata
+    assert meta["aifn-source"] == f"gs://{BUCKET}/inputs/{folder}/tickets.jsonl"
+    assert meta["aifn-source-generation"] == str(blob.generation)
+    assert (meta["aifn-records"], meta["aifn-predictions"], meta["aifn-errors"]) == ("6", "4", "2")
+    assert meta["aifn-model"] == "aifn-sentiment-minilm-vader"
+
+
+def test_csv_event_with_ids_and_poison_rows(client: Any, bucket: Any, folder: str) -> None:
+    content = (
+        "id,text,channel\n"
+        + "".join(f'{i},"{t}",email\n' for i, t in TICKETS)
+        + "t-4,,chat\n"
+        + "t-5,one,too,many\n"
+        + '"t-6","Great, ""quoted"" and\nmultiline support reply",chat\n'
+    )
+    blob = upload(bucket, f"inputs/{folder}/export.csv", content)
+
+    deliver(client, blob)
+
+    predictions = read(bucket, f"predictions/{folder}/export.csv.jsonl")
+    assert [(p["id"], p["line"]) for p in predictions] == [
+        ("t-1", 2),
+        ("t-2", 3),
+        ("t-3", 4),
+        ("t-6", 7),
+    ]
+    assert [p["label"] for p in predictions[:3]] == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    errors = read(bucket, f"predictions/{folder}/export.csv.errors.jsonl")
+    assert [(e["id"], e["line"]) for e in errors] == [("t-4", 5), (None, 6)]
+
+
+def test_redelivered_event_changes_nothing(
+    client: Any, main: Any, bucket: Any, folder: str
+) -> None:
+    lines = [json.dumps({"id": i, "text": t}) for i, t in TICKETS] + ["oops"]
+    blob = upload(bucket, f"inputs/{folder}/again.jsonl", "\n".join(lines) + "\n")
+    deliver(client, blob, event_id="evt-1")
+    out = f"predictions/{folder}/again.jsonl"
+    first = bucket.get_blob(out)
+    generation = first.generation  # read before downloading: the emulator's download clears it
+    errors_generation = bucket.get_blob(f"predictions/{folder}/again.errors.jsonl").generation
+    content = first.download_as_bytes()
+    misses = main.service.cache.stats.misses
+
+    deliver(client, blob, event_id="evt-1")  # the same event, delivered again
+    deliver(client, blob, event_id="evt-2")  # a duplicate with another id
+
+    again = bucket.get_blob(out)
+    assert again.generation == generation, "the predictions object was rewritten"
+    assert again.download_as_bytes() == content
+    assert len(content.splitlines()) == 3, "one line per good input line, no duplicates"
+    errors_again = bucket.get_blob(f"predictions/{folder}/again.errors.jsonl")
+    assert errors_again.generation == errors_generation
+    assert main.service.cache.stats.misses == misses, "the model ran again"
+    assert names(bucket, f"predictions/{folder}/") == [
+        f"predictions/{folder}/again.errors.jsonl",
+        out,
+    ]
+
+
+def test_a_new_version_of_the_input_replaces_the_output(
+    client: Any, bucket: Any, folder: str
+) -> None:
+    name = f"inputs/{folder}/v.jsonl"
+    deliver(client, upload(bucket, name, json.dumps({"id": "a", "text": "Awful."}) + "\n"))
+    second = upload(bucket, name, json.dumps({"id": "b", "text": "Wonderful!"}) + "\n")
+    deliver(client, second)
+    predictions = read(bucket, f"predictions/{folder}/v.jsonl")
+    assert [(p["id"], p["label"]) for p in predictions] == [("b", "POSITIVE")]
+
+
+def test_events_outside_the_input_prefix_are_ignored(client: Any, bucket: Any, folder: str) -> None:
+    before = set(names(bucket, ""))
+    line = json.dumps({"text": "hello"}) + "\n"
+    outside = upload(bucket, f"elsewhere/{folder}/a.jsonl", line)
+    own_output = upload(bucket, f"predictions/{folder}/b.jsonl", line)
+    not_a_batch_file = upload(bucket, f"inputs/{folder}/notes.txt", "hello\n")
+    for blob in (outside, own_output, not_a_batch_file):
+        deliver(client, blob)
+    deliver(
+        client,
+        upload(bucket, f"inputs/{folder}/deleted.jsonl", line),
+        kind="google.cloud.storage.object.v1.deleted",
+    )
+    created = set(names(bucket, "")) - before
+    assert created == {
+        f"elsewhere/{folder}/a.jsonl",
+        f"predictions/{folder}/b.jsonl",
+        f"inputs/{folder}/notes.txt",
+        f"inputs/{folder}/deleted.jsonl",
+    }, "an ignored event wrote something"
+
+
+def test_health_answers_on_the_cloudevent_service(client: Any) -> None:
+    """Cloud Run's startup probe: GET /v1/health on the batch service (a CloudEvent app)."""
+    response = client.get("/v1/health")
+    assert response.status_code == 200
+    assert response.get_json()["function"] == "sentiment"
+
+
+def test_repeated_texts_come_from_the_shared_cache(
+    client: Any, main: Any, bucket: Any, folder: str
+) -> None:
+    texts = [f"Order {folder}-{i} arrived broken and support never answered." for i in range(20)]
+    body = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    deliver(client, upload(bucket, f"inputs/{folder}/one.jsonl", body))
+    hits = main.service.cache.stats.hits
+    deliver(client, upload(bucket, f"inputs/{folder}/two.jsonl", body))
+    assert main.service.cache.stats.hits - hits == 20
+    one = read(bucket, f"predictions/{folder}/one.jsonl")
+    two = read(bucket, f"predictions/{folder}/two.jsonl")
+    assert one == two
+
+
+def ticket_texts(n: int, seed: int) -> list[str]:
+    """Distinct support-ticket-like sentences (10-25 words), reproducible."""
+    rng = random.Random(seed)
+    openers = ["Hi team,", "Hello,", "Urgent:", "Quick question:", "FYI", "Dear support,"]
+    subjects = [
+        "the invoice",
+        "my order",
+        "the mobile app",
+        "the dashboard",
+        "the export",
+        "my subscription",
+        "the refund",
+        "the login page",
+        "the API",
+        "the new release",
+    ]
+    verdicts = [
+        "is fantastic and saved us hours",
+        "keeps crashing when I open it",
+        "was charged twice this month",
+        "works as described",
+        "is slower than before",
+        "is exactly what we needed",
+        "still has not arrived after two weeks",
+        "shows an error on every save",
+        "looks fine to me",
+        "is confusing to set up",
+    ]
+    tails = [
+        "Thanks.",
+        "Please advise.",
+        "Really disappointed.",
+        "Great job!",
+        "No rush.",
+        "This is unacceptable.",
+        "Cheers,",
+        "Let me know.",
+    ]
+    return [
+        f"{rng.choice(openers)} {rng.choice(subjects)} {rng.choice(verdicts)} "
+        f"(ticket {i}, batch {seed}). {rng.choice(tails)}"
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_ten_thousand_lines(
+    client: Any, main: Any, bucket: Any, folder: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ticket_texts(10_000, seed=10)
+    lines = [json.dumps({"id": f"r{i}", "text": t}) for i, t in enumerate(texts)]
+    for poison in (17, 4_321, 9_998):
+        lines[poison] = '{"id": "poison", "text": '
+    blob = upload(bucket, f"inputs/{folder}/big.jsonl", "\n".join(lines) + "\n")
+    started = time.perf_counter()
+    deliver(client, blob)
+    seconds = time.perf_counter() - started
+    predictions = read(bucket, f"predictions/{folder}/big.jsonl")
+    errors = read(bucket, f"predictions/{folder}/big.errors.jsonl")
+    assert len(predictions) == 9_997
+    assert [e["line"] for e in errors] == [18, 4_322, 9_999]
+    expected = [(f"r{i}", i + 1) for i in range(10_000) if i not in (17, 4_321, 9_998)]
+    assert [(p["id"], p["line"]) for p in predictions] == expected
+    labels = {p["label"] for p in predictions}
+    assert labels == {"NEGATIVE", "NEUTRAL", "POSITIVE"}
+    rate = len(predictions) / seconds
+    # The bare model on 640 of the same kind of texts, batches of 32, right after: the ratio
+    # is the batch path's overhead (reading, validation, cache, batcher, writing, uploads).
+    sample = ticket_texts(640, seed=11)
+    started = time.perf_counter()
+    for i in range(0, len(sample), 32):
+        main.model.scores(sample[i : i + 32])
+    bare = len(sample) / (time.perf_counter() - started)
+    with capsys.disabled():
+        print(
+            f"\n[batch] 10,000-line JSONL through sentiment_batch: {seconds:.1f} s, "
+            f"{rate:.0f} texts/s (download, model, upload included); the bare model in the "
+            f"same run: {bare:.0f} texts/s at batch 32 (ratio {rate / bare:.2f})"
+        )
+    assert rate > 0.4 * bare, "far below the model's own throughput: batching is not working"
+
+
+def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str) -> None:
+    """Two job tasks on one file write parts; the last merges them into the single-run bytes.
+
+    The cache is off here, as it is between two job tasks without Redis: every score is computed
+    in the same chunk, hence the same forward passes, as in the single run.
+    """
+    texts = ticket_texts(300, seed=2)
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)]
+    lines[5] = lines[200] = "not json"
+    source = upload(bucket, f"inputs/{folder}/backlog.jsonl", "\n".join(lines) + "\n")
+    files = main.files
+    location = Location(BUCKET, source.name)
+    single = batch.Outputs(
+        Location(BUCKET, f"single/{folder}/backlog.jsonl"),
+        Location(BUCKET, f"single/{folder}/backlog.errors.jsonl"),
+    )
+    saved = main.service.cache
+    main.service.cache = PredictionCache(None, namespace="sentiment:test", ttl=60)
+    try:
+        files.run_object(location, None, outputs=single)
+        first = files.run_object(location, None, shard=Shard(0, 2))
+        assert bucket.get_blob(f"predictions/{folder}/backlog.jsonl") is None
+        assert len(names(bucket, f"predictions/{folder}/")) == 2, "task 0 wrote its two parts"
+        second = files.run_object(location, None, shard=Shard(1, 2))
+    finally:
+        main.service.cache = saved
+    assert first.records + second.records == 300
+    assert first.records > 0
+    assert second.records > 0
+    for merged, alone in (
+        (f"predictions/{folder}/backlog.jsonl", single.predictions.path),
+        (f"predictions/{folder}/backlog.errors.jsonl", single.errors.path),
+    ):
+        assert bucket.get_blob(merged).download_as_bytes() == (
+            bucket.get_blob(alone).download_as_bytes()
+        )
+    assert names(bucket, f"predictions/{folder}/") == [
+        f"predictions/{folder}/backlog.errors.jsonl",
+        f"predictions/{folder}/backlog.jsonl",
+    ], "the parts are removed after the merge"
+    # A retried task after the merge does nothing.
+    again = files.run_object(location, None, shard=Shard(0, 2))
+    assert again.skipped
+    assert again.records == 0
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aifn.batch", *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_job_tasks_share_a_prefix_by_files(
+    sentiment_model_dir: Path, bucket: Any, folder: str
+) -> None:
+    """The Cloud Run job as Terraform runs it: no --function, FUNCTION_TARGET and the task env."""
+    for n in range(3):
+        body = "".join(
+            json.dumps({"id": f"{n}-{i}", "text": t}) + "\n"
+            for i, t in enumerate(ticket_texts(10, seed=100 + n))
+        )
+        upload(bucket, f"inputs/{folder}/day-{n}.jsonl", body)
+    env = {
+        "FUNCTION_TARGET": "sentiment",
+        "MODEL_DIR": str(sentiment_model_dir),
+        "CLOUD_RUN_TASK_COUNT": "2",
+    }
+    outputs = []
+    for index in range(2):
+        done = cli(
+            f"gs://{BUCKET}/inputs/{folder}/", env={**env, "CLOUD_RUN_TASK_INDEX": str(index)}
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert "task 1 of 2" in outputs[0]
+    assert "20 lines: 20 predicted" in outputs[0], "task 0 takes files 0 and 2"
+    assert "10 lines: 10 predicted" in outputs[1], "task 1 takes file 1"
+    for n in range(3):
+        predictions = read(bucket, f"predictions/{folder}/day-{n}.jsonl")
+        assert [p["id"] for p in predictions] == [f"{n}-{i}" for i in range(10)]
+
+
+@pytest.mark.slow
+def test_local_command_end_to_end(sentiment_model_dir: Path, tmp_path: Path) -> None:
+    rows = "".join(f'{i},"{t}"\n' for i, t in enumerate(ticket_texts(40, seed=7)))
+    source = tmp_path / "tickets.csv"
+    source.write_text("id,text\n" + rows + "41,\n", encoding="utf-8")
+    done = cli(str(source), "--function", "sentiment", env={"MODEL_DIR": str(sentiment_model_dir)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "41 lines: 40 predicted, 1 errors" in done.stdout
+    assert "texts/s" in done.stdout
+    assert "100%" in done.stderr, "no progress bar"
+    predictions = [
+        json.loads(line)
+        for line in (tmp_path / "tickets.predictions.jsonl").read_text().splitlines()
+    ]
+    assert [p["id"] for p in predictions] == [str(i) for i in range(40)]
+    errors = (tmp_path / "tickets.errors.jsonl").read_text().splitlines()
+    assert [json.loads(e)["line"] for e in errors] == [42]
