@@ -27,11 +27,16 @@ DATA ?=
 EVAL_DATA ?=
 DEST ?= $(MODELS)/classify-tuned
 TRAIN_ARGS ?=
+# `make batch`: a JSONL or CSV file (local or gs://) through one function's model.
+FUNCTION ?= sentiment
+INPUT ?=
+OUTPUT ?=
+BATCH_ARGS ?=
 
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model train venv dev clean bench bench-cache services infra-check
+.PHONY: help serve test lint fmt model train batch venv dev clean bench bench-cache services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +71,12 @@ train: $(RUNTIME_STAMP)  ## Fine-tune a classifier: make train DATA=tickets.json
 	@test -n "$(DATA)" || { echo "usage: make train DATA=file.jsonl|file.csv|gs://.. [EVAL_DATA=..] [DEST=$(DEST)]"; exit 2; }
 	HF_HUB_OFFLINE=1 $(PY) -m aifn.train --data "$(DATA)" --dest "$(DEST)" \
 		$(if $(EVAL_DATA),--eval-data "$(EVAL_DATA)") $(TRAIN_ARGS)
+
+batch: model  ## Predictions for a file: make batch FUNCTION=sentiment|classify INPUT=file.jsonl|.csv|gs://.. [OUTPUT=..]
+	@test -n "$(INPUT)" || { echo "usage: make batch FUNCTION=sentiment|classify INPUT=file.jsonl|file.csv|gs://.. [OUTPUT=..] [BATCH_ARGS='--options {\"labels\": [..]}']"; exit 2; }
+	MODEL_DIR=$(if $(filter classify,$(FUNCTION)),$(CLASSIFY_MODEL_DIR),$(SENTIMENT_MODEL_DIR)) \
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.batch --function "$(FUNCTION)" "$(INPUT)" \
+		$(if $(OUTPUT),--output "$(OUTPUT)") $(BATCH_ARGS)
 
 # Both functions, each in its own functions-framework (gunicorn) process, as on Cloud Run; Ctrl-C
 # or either process exiting stops both.
