@@ -97,6 +97,7 @@ FROM ${BASE_IMAGE} AS runtime
 ARG FUNCTION
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
     --shell /usr/sbin/nologin aifn
+WORKDIR /app
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=model /model /app/models/${FUNCTION}
 COPY --from=common /opt/aifn /opt/aifn
@@ -119,7 +120,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_RUNTIME_DIR=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-WORKDIR /app
 USER 10001:10001
 EXPOSE 8080
 # For docker and docker compose; Cloud Run ignores it and probes the port itself (Terraform).

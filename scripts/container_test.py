@@ -296,7 +296,7 @@ def wheelhouse_image(engine: Engine) -> str:
         input="FROM scratch\nCOPY . /wheelhouse/\n",
     )  # fmt: skip
     shutil.rmtree(wheels)
-    print(f"{ref}: {ref} built from pip download")
+    print(f"{ref}: built from pip download")
     return ref
 
 
@@ -338,7 +338,7 @@ def check_code_edit_keeps_layers(engine: Engine, base: str, wheels: str) -> None
         )  # fmt: skip
     after = layers(engine, "aifn-sentiment:edit")
     engine.docker("image", "rm", "aifn-sentiment:edit")
-    # Layers: base, user, venv, model, aifn, function code.
+    # Layers: base, user, /app, venv, model, aifn, function code (the last).
     if len(after) != len(before) or after[:-1] != before[:-1] or after[-1] == before[-1]:
         raise Failed(
             "a code edit should change only the last (function code) layer:\n"
