@@ -111,6 +111,12 @@ lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ a
 	@# One run per function: each folder is its own top-level import root (main, recipe, ...).
 	for f in functions/*/; do MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
 
+# Its own Docker engine (installs docker.io, debootstrap, docker-compose when missing, as root),
+# its own base image and wheelhouse (cached in .cache/container); needs the models (make model).
+.PHONY: container-test
+container-test: $(RUNTIME_STAMP)  ## Lint the Dockerfile, build both images, run them like Cloud Run, and docker compose.
+	$(PY) scripts/container_test.py
+
 # Needs only terraform (preinstalled) and python3: installs its own tools into .cache/infra.
 infra-check:  ## Terraform, offline: fmt, validate and terraform test against hashicorp/google's schema, checkov, trivy.
 	PYTHON=$(PYTHON) bash infra/tools/check.sh
