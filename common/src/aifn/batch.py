@@ -89,6 +89,8 @@ KNOWN_FUNCTIONS = ("sentiment", "classify")
 
 
 # --- the processor: events, jobs, local runs ------------------------------------------------------
+
+
 _PROCESSORS: dict[str, Processor] = {}
 
 
