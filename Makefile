@@ -36,7 +36,7 @@ BATCH_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model train batch venv dev clean bench bench-cache services infra-check
+.PHONY: help serve test lint fmt model train batch venv dev clean bench bench-cache bench-load services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -131,6 +131,9 @@ clean:  ## Remove the virtualenv and prepared models (downloads stay in ~/.cache
 bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function classify --json bench/results/latency-classify.json
+
+bench-load: $(DEV_STAMP) model  ## Throughput under load vs the seed's naive pattern, table + plot (bench/load.py).
+	HF_HUB_OFFLINE=1 $(PY) bench/load.py --json bench/results/load.json --plot bench/results/load.png $(BENCH_ARGS)
 
 bench-cache: model services  ## Prediction cache: hit vs miss, in-process vs Redis vs none (bench/cache.py).
 	HF_HUB_OFFLINE=1 $(PY) bench/cache.py --json bench/results/cache.json

@@ -167,3 +167,53 @@ def test_model_chunks_group_similar_lengths() -> None:
     assert all(len(g) <= 3 for g in groups)
     # The short texts never share a pass with (and get padded to) the long ones.
     assert [sorted(lengths[i] for i in g) for g in groups] == [[10, 11, 12], [15, 30], [500, 900]]
+
+
+def test_several_workers_run_batches_at_once_and_each_starts_with_its_hook() -> None:
+    started: list[str] = []
+    both_inside = threading.Barrier(2, timeout=5)
+
+    def run(texts: list[str]) -> list[str]:
+        both_inside.wait()  # passes only if a second worker runs a batch at the same time
+        return [t.upper() for t in texts]
+
+    b = DynamicBatcher(
+        run,
+        max_batch=1,
+        max_wait=0.0,
+        max_queued=64,
+        timeout=10.0,
+        workers=2,
+        on_start=lambda: started.append(threading.current_thread().name),
+    )
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(b, [f"t{i}"]) for i in range(4)]
+        assert [f.result(10) for f in futures] == [[f"T{i}"] for i in range(4)]
+    assert sorted(started) == ["model-batcher-0", "model-batcher-1"]
+    assert b.stats.batches == 4
+
+
+def test_one_worker_runs_one_batch_at_a_time() -> None:
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def run(texts: list[str]) -> list[str]:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.02)
+        with lock:
+            inside -= 1
+        return texts
+
+    b = DynamicBatcher(run, max_batch=1, max_wait=0.0, max_queued=64, timeout=10.0)
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: b([str(i)]), range(6)))
+    assert most == 1
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        DynamicBatcher(lambda t: t, max_batch=1, max_wait=0, max_queued=1, timeout=1, workers=0)

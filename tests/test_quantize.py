@@ -172,7 +172,7 @@ def test_cpu_count_honours_a_cgroup_quota(tmp_path: Path, monkeypatch: pytest.Mo
     assert settings.cpu_count() == affinity
     monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: None)
     assert settings.machine_defaults() == {
-        "torch_threads": affinity,
+        "model_workers": affinity,
         "threads": settings.THREADS_PER_CPU * affinity,
     }
 

@@ -22,7 +22,8 @@ def test_defaults_with_an_empty_environment() -> None:
     assert s.max_body_bytes == 1_048_576
     assert s.max_batch_texts == 64
     assert s.max_tokens == 256
-    assert s.torch_threads >= 1
+    assert s.torch_threads == 1
+    assert s.model_workers >= 1
     assert s.log_request_text is False
     assert s.google_cloud_project is None
 
@@ -38,6 +39,7 @@ def test_every_variable_is_read() -> None:
         "MAX_QUEUED_TEXTS": "40",
         "REQUEST_TIMEOUT_SECONDS": "12",
         "TORCH_THREADS": "3",
+        "MODEL_WORKERS": "2",
         "THREADS": "24",
         "QUANTIZE": "OFF",
         "LOG_LEVEL": "debug",
@@ -64,6 +66,7 @@ def test_every_variable_is_read() -> None:
         max_queued_texts=40,
         request_timeout_seconds=12.0,
         torch_threads=3,
+        model_workers=2,
         threads=24,
         quantize="off",
         log_level="DEBUG",
@@ -98,6 +101,7 @@ def test_empty_values_mean_default() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("LOG_REQUEST_TEXT", "maybe"),
         ("TORCH_THREADS", "1.5"),
+        ("MODEL_WORKERS", "0"),
         ("THREADS", "0"),
         ("QUANTIZE", "int4"),
     ],

@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests' texts share forward passes, with backpressure.
 
-One worker thread owns the model. Requests hand it their texts and wait; the worker takes what
-is queued (up to ``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text
-arrived for more to come), runs them as one batch, and hands each request its own results, in
-its own order. A request's list longer than ``max_batch`` is split; short ones are merged.
+Worker threads own the model (one per vCPU by default, each running its batch on its share of
+the cores). Requests hand their texts to the queue and wait; a free worker takes what is queued
+(up to ``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text arrived
+for more to come), runs them as one batch, and hands each request its own results, in its own
+order. A request's list longer than ``max_batch`` is split; short ones are merged.
 
 Backpressure is explicit: at most ``max_queued`` texts wait at a time, and a request that would
 exceed that is refused at once (:class:`Overloaded`, 429 with ``Retry-After``) rather than queued
@@ -63,6 +64,9 @@ class DynamicBatcher(Generic[R]):
         max_queued: Most texts waiting (not yet running); more are refused with 429.
         timeout: Seconds a request may wait for its results in total.
         retry_after: Seconds to suggest in ``Retry-After`` when refusing.
+        workers: Threads taking batches from the queue, so up to this many batches run at once
+            (each should be given its share of the CPUs by ``on_start``).
+        on_start: Called first in each worker thread (e.g. to set torch's threads there).
     """
 
     def __init__(
@@ -75,8 +79,14 @@ class DynamicBatcher(Generic[R]):
         timeout: float,
         retry_after: int = 1,
         name: str = "model",
+        workers: int = 1,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self._run = run
+        self.workers = workers
+        self._on_start = on_start
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_queued = max_queued
@@ -86,22 +96,26 @@ class DynamicBatcher(Generic[R]):
         self.stats = BatchStats()
         self._reset()
         # gunicorn loads the app in its master and forks workers; threads do not survive a fork,
-        # so each process starts its own worker on first use, with fresh locks and queue.
+        # so each process starts its own workers on first use, with fresh locks and queue.
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
         self._queue: deque[_Job[R]] = deque()
         self._queued_texts = 0
         self._cond = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
-    def _ensure_worker(self) -> None:
+    def _ensure_workers(self) -> None:
         # Called with self._cond held.
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(
-                target=self._loop, name=f"{self._name}-batcher", daemon=True
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < self.workers:
+            thread = threading.Thread(
+                target=self._loop,
+                name=f"{self._name}-batcher-{len(self._threads)}",
+                daemon=True,
             )
-            self._worker.start()
+            thread.start()
+            self._threads.append(thread)
 
     @property
     def queued(self) -> int:
@@ -120,7 +134,7 @@ class DynamicBatcher(Generic[R]):
         deadline = time.monotonic() + self.timeout
         chunks = [list(texts[i : i + self.max_batch]) for i in range(0, len(texts), self.max_batch)]
         with self._cond:
-            self._ensure_worker()
+            self._ensure_workers()
             # An empty queue always takes a request, so a large request is never refused forever.
             if self._queued_texts and self._queued_texts + len(texts) > self.max_queued:
                 self.stats.refused += 1
@@ -169,6 +183,8 @@ class DynamicBatcher(Generic[R]):
             return batch
 
     def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             batch = [job for job in self._take() if job.future.set_running_or_notify_cancel()]
             if not batch:

@@ -65,7 +65,8 @@ def start(
             kinds=kinds,
             max_tokens=settings.max_tokens,
             batch_size=settings.inference_batch_size,
-            threads=settings.torch_threads,
+            # Loading and warm-up run here, alone: on every CPU the workers will share.
+            threads=settings.model_workers * settings.torch_threads,
             quantize=settings.quantize,
         )
     except ConfigError as exc:
@@ -82,6 +83,8 @@ def start(
         max_queued=settings.max_queued_texts,
         timeout=settings.request_timeout_seconds,
         name=function,
+        workers=settings.model_workers,
+        on_start=lambda: model.use_threads(settings.torch_threads),
     )
     service = Service(
         function=function,
