@@ -133,7 +133,7 @@ bench: model  ## Cold start and single-request latency over HTTP (bench/latency.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function classify --json bench/results/latency-classify.json
 
 bench-load: $(DEV_STAMP) model  ## Throughput under load vs the seed's naive pattern, table + plot (bench/load.py).
-	HF_HUB_OFFLINE=1 $(PY) bench/load.py --json bench/results/load.json --plot bench/results/load.png $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) bench/load.py --json bench/figures/load.json --plot bench/figures/load.png $(BENCH_ARGS)
 
 bench-cache: model services  ## Prediction cache: hit vs miss, in-process vs Redis vs none (bench/cache.py).
 	HF_HUB_OFFLINE=1 $(PY) bench/cache.py --json bench/results/cache.json

@@ -96,6 +96,7 @@ async def _connection(
     stop: float,
     stats: Stats,
     timeout: float,
+    texts_per_request: int,
 ) -> None:
     reader = writer = None
     n = serial
@@ -108,9 +109,14 @@ async def _connection(
                 await asyncio.sleep(0.05)
                 continue
         assert reader is not None
-        text = f"{SAMPLES[n % len(SAMPLES)]} (#{n})"
+        if texts_per_request == 1:
+            body = json.dumps({"text": f"{SAMPLES[n % len(SAMPLES)]} (#{n})"}).encode()
+        else:
+            texts = [
+                f"{SAMPLES[(n + k) % len(SAMPLES)]} (#{n}.{k})" for k in range(texts_per_request)
+            ]
+            body = json.dumps({"texts": texts}).encode()
         n += stride
-        body = json.dumps({"text": text}).encode()
         request = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -139,7 +145,14 @@ async def _connection(
         writer.close()
 
 
-async def run(url: str, connections: int, duration: float, warmup: float, timeout: float) -> dict:
+async def run(
+    url: str,
+    connections: int,
+    duration: float,
+    warmup: float,
+    timeout: float,
+    texts_per_request: int = 1,
+) -> dict:
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
     stats = Stats()
@@ -148,7 +161,18 @@ async def run(url: str, connections: int, duration: float, warmup: float, timeou
     stop = record_from + duration
     await asyncio.gather(
         *(
-            _connection(host, port, path, i, connections, record_from, stop, stats, timeout)
+            _connection(
+                host,
+                port,
+                path,
+                i,
+                connections,
+                record_from,
+                stop,
+                stats,
+                timeout,
+                texts_per_request,
+            )
             for i in range(connections)
         )
     )
@@ -163,6 +187,7 @@ async def run(url: str, connections: int, duration: float, warmup: float, timeou
 
     return {
         "connections": connections,
+        "texts_per_request": texts_per_request,
         "duration_s": duration,
         "requests": len(everything),
         "statuses": {str(k): len(v) for k, v in sorted(stats.latency.items())},
@@ -184,8 +209,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds recorded")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds sent, not recorded")
     parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    parser.add_argument(
+        "--texts", type=int, default=1, help='texts per request (>1 sends {"texts": [...]})'
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.url, args.connections, args.duration, args.warmup, args.timeout))
+    result = asyncio.run(
+        run(args.url, args.connections, args.duration, args.warmup, args.timeout, args.texts)
+    )
     json.dump(result, sys.stdout)
     print()
     return 0
