@@ -68,6 +68,9 @@ def test_a_quantized_model_keeps_its_answers(
 ) -> None:
     import torch
 
+    want = float_model.predict(TEXTS)
+    served = quantize.recorded_plan(sentiment_model_dir)
+    assert served in quantize.PLANS, "the sentiment build recorded no int8 plan"
     for plan in quantize.PLANS:
         q = TextClassifier.load(
             sentiment_model_dir, max_tokens=128, batch_size=8, threads=2, quantize=plan
@@ -79,12 +82,15 @@ def test_a_quantized_model_keeps_its_answers(
         ]
         assert sorted(int8) == sorted(quantize.linear_layers(float_model.module, plan))
         assert q.identity.revision == float_model.identity.revision + f"+{plan}"
-        want = float_model.predict(TEXTS)
         got = q.predict(TEXTS)
+        # Every plan keeps the label of these clear-cut texts...
         assert [p.label for p in got] == [p.label for p in want], plan
-        for a, b in zip(got, want, strict=True):
-            q_scores, f_scores = dict(a.labels), dict(b.labels)
-            assert max(abs(q_scores[k] - f_scores[k]) for k in f_scores) < 0.15
+        if plan == served:
+            # ...and the plan serving uses keeps every score close (the full int8 plan, which
+            # the build refused, moves the mixed review's scores by ~0.4).
+            for a, b in zip(got, want, strict=True):
+                q_scores, f_scores = dict(a.labels), dict(b.labels)
+                assert max(abs(q_scores[k] - f_scores[k]) for k in f_scores) < 0.1
 
 
 def test_choose_takes_the_fastest_plan_within_the_tolerance(float_model: TextClassifier) -> None:
@@ -102,8 +108,16 @@ def test_choose_takes_the_fastest_plan_within_the_tolerance(float_model: TextCla
     assert quantize.linear_layers(float_model.module, "int8")
     assert [p.label for p in float_model.predict(TEXTS)] == reference
 
+    import torch
+
+    def quantized(module: torch.nn.Module) -> bool:
+        return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in module.modules())
+
     strict = quantize.choose(
-        float_model.module, lambda m: agreement(m) - 0.5, metric="agreement", plans=["int8"]
+        float_model.module,
+        lambda m: agreement(m) - (0.5 if quantized(m) else 0.0),
+        metric="agreement",
+        plans=["int8"],
     )
     # A plan that cost 50 points is refused, and the card says float32 is served.
     assert strict["chosen"] is None
