@@ -50,7 +50,7 @@ variable "functions" {
     The functions to deploy, keyed by entry point (sentiment, classify). Per function:
     image                   full image reference by digest (...@sha256:<64 hex>) or tag; default: the
                             repository's <function>:<image_tag>
-    cpu, memory             Cloud Run limits per instance (the model runs on all vCPUs: TORCH_THREADS = cpu)
+    cpu, memory             Cloud Run limits per instance (a model worker per vCPU: MODEL_WORKERS = cpu)
     min_instances           instances kept warm (0 scales to zero; 1 removes the ~5-10 s cold start)
     max_instances           upper bound of request-based autoscaling (and of the bill)
     concurrency             max_instance_request_concurrency: requests one instance holds at once;
@@ -61,7 +61,7 @@ variable "functions" {
     model_timeout_seconds   REQUEST_TIMEOUT_SECONDS: longest wait for the model (503 after), below
                             the request timeout
     env                     further settings (README "Configuration"), e.g. LOG_LEVEL, CACHE_TTL_SECONDS;
-                            they override the computed MAX_QUEUED_TEXTS/THREADS/TORCH_THREADS but may
+                            they override the computed MAX_QUEUED_TEXTS/THREADS/MODEL_WORKERS but may
                             not set what Terraform wires (Redis, project, entry point)
   EOT
   type = map(object({
@@ -93,7 +93,7 @@ variable "functions" {
   }
   validation {
     condition     = alltrue([for f in values(var.functions) : contains(["1", "2", "4", "6", "8"], f.cpu)])
-    error_message = "cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\" (whole vCPUs: TORCH_THREADS follows it)."
+    error_message = "cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\" (whole vCPUs: MODEL_WORKERS follows it)."
   }
   validation {
     condition     = alltrue([for f in values(var.functions) : can(regex("^[1-9][0-9]*(Mi|Gi)$", f.memory))])

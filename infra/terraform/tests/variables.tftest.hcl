@@ -39,9 +39,9 @@ run "scaling_and_concurrency_follow_the_variables" {
   assert {
     condition = (one([for e in google_cloud_run_v2_service.function["sentiment"].template[0].containers[0].env : e.value if e.name == "MAX_QUEUED_TEXTS"]) == "320" &&
       one([for e in google_cloud_run_v2_service.function["sentiment"].template[0].containers[0].env : e.value if e.name == "THREADS"]) == "80" &&
-      one([for e in google_cloud_run_v2_service.function["sentiment"].template[0].containers[0].env : e.value if e.name == "TORCH_THREADS"]) == "4" &&
+      one([for e in google_cloud_run_v2_service.function["sentiment"].template[0].containers[0].env : e.value if e.name == "MODEL_WORKERS"]) == "4" &&
     one([for e in google_cloud_run_v2_service.function["sentiment"].template[0].containers[0].env : e.value if e.name == "REQUEST_TIMEOUT_SECONDS"]) == "90")
-    error_message = "The queue (80 x 4), threads, torch threads and model deadline must follow the sizing."
+    error_message = "The queue (80 x 4), threads, model workers and model deadline must follow the sizing."
   }
   assert {
     condition = (one([for e in google_cloud_run_v2_service.function["classify"].template[0].containers[0].env : e.value if e.name == "MAX_QUEUED_TEXTS"]) == "500" &&
