@@ -20,20 +20,12 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("quantize", "tolerance"),
-    [
-        # float32: a text's scores do not depend on the texts batched with it.
-        ("off", 1e-4),
-        # int8 (the default plan) quantizes activations with one scale per batch, so batch-mates
-        # move a score slightly: measured up to 7e-4; the README documents a bound of 5e-3.
-        ("auto", 5e-3),
-    ],
-)
 def test_concurrent_requests_share_batches_and_get_their_own_answers(
-    sentiment_model_dir: Path, tmp_path: Path, quantize: str, tolerance: float
+    sentiment_model_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_server(sentiment_model_dir, tmp_path, CACHE_MAX_ENTRIES="0", QUANTIZE=quantize)
+    # float32: batching must not change a text's answer. (int8's dynamic activation scale is
+    # per batch, so there batch-mates do move scores a little; README, "int8 inference".)
+    server = start_server(sentiment_model_dir, tmp_path, CACHE_MAX_ENTRIES="0", QUANTIZE="off")
     try:
         alone = {t: server.request("POST", ENDPOINT, {"text": t})[1]["results"][0] for t in TEXTS}
         with ThreadPoolExecutor(16) as pool:

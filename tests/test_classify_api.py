@@ -16,6 +16,8 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
+from aifn import quantize
+
 from .conftest import REPO, served_revision
 
 pytestmark = pytest.mark.integration
@@ -186,8 +188,12 @@ def test_single_text_equals_the_same_text_in_a_batch(client: Any) -> None:
     batch = classify(client, {"texts": [CLEAR[0][1], text, CLEAR[2][1]], "labels": TICKETS})
     assert len(single["results"]) == 1
     assert single["results"][0]["label"] == batch["results"][1]["label"] == "bug report"
+    # Exact in float32. The served model runs int8 (QUANTIZE=auto), whose activation scale is
+    # set per forward pass, so batch-mates (other texts, new label prompts) move a score a little:
+    # 2.6e-4 seen here; README, "int8 inference".
+    quantized = quantize.recorded_plan(CLASSIFY_MODEL) is not None
     assert scores_of(single["results"][0]) == pytest.approx(
-        scores_of(batch["results"][1]), abs=1e-5
+        scores_of(batch["results"][1]), abs=5e-3 if quantized else 1e-5
     )
 
 
