@@ -229,7 +229,7 @@ class _TransformerModel:
         torch's intra-op thread count is per calling thread in practice (OpenMP's setting is),
         so each model worker sets its own. Measured on 2 vCPUs: a forward pass from a worker
         thread with 2 intra-op threads was ~60% slower than with 1, and two workers with one
-        thread each beat one worker with two by 15-20% in requests/s under load.
+        thread each beat one worker with two by 11-14% in requests/s at 32 connections.
         """
         import torch
 
