@@ -39,6 +39,17 @@ locals {
     )
   }
 
+  # The HTTP services only (README, Security): rate limits, and whether the caller's ID token can
+  # be trusted, which it can only when IAM guards the service. A function's env may set its own
+  # RATE_LIMIT; API_KEYS is a secret reference in services.tf.
+  http_env = {
+    for name, f in var.functions : name => merge(
+      { IAM_REQUIRED = tostring(!var.allow_unauthenticated) },
+      var.rate_limit == null ? {} : { RATE_LIMIT = var.rate_limit },
+      local.env[name],
+    )
+  }
+
   apis = toset([
     "artifactregistry.googleapis.com",
     "cloudresourcemanager.googleapis.com",

@@ -28,6 +28,11 @@ output "redis_auth_secret" {
   value       = var.redis.enabled ? google_secret_manager_secret.redis_auth[0].id : null
 }
 
+output "api_keys_secret" {
+  description = "Secret Manager secret the functions read API_KEYS from (its name; null unless api_keys.enabled). Add key versions with gcloud."
+  value       = var.api_keys.enabled ? google_secret_manager_secret.api_keys[0].secret_id : null
+}
+
 output "service_account_emails" {
   description = "Service account of each function (key: function) and of its batch path (key: <function>-batch), and Eventarc's."
   value = merge(

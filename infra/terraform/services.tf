@@ -59,7 +59,7 @@ resource "google_cloud_run_v2_service" "function" {
       }
 
       dynamic "env" {
-        for_each = local.env[each.key]
+        for_each = local.http_env[each.key]
         content {
           name  = env.key
           value = env.value
@@ -74,6 +74,19 @@ resource "google_cloud_run_v2_service" "function" {
             secret_key_ref {
               secret  = google_secret_manager_secret.redis_auth[0].secret_id
               version = google_secret_manager_secret_version.redis_auth[0].version
+            }
+          }
+        }
+      }
+
+      dynamic "env" {
+        for_each = var.api_keys.enabled ? [1] : []
+        content {
+          name = "API_KEYS"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.api_keys[0].secret_id
+              version = var.api_keys.secret_version
             }
           }
         }
@@ -106,6 +119,7 @@ resource "google_cloud_run_v2_service" "function" {
   depends_on = [
     google_project_iam_member.function,
     google_secret_manager_secret_iam_member.redis_auth,
+    google_secret_manager_secret_iam_member.api_keys,
     google_project_service.enabled,
   ]
 }

@@ -128,9 +128,9 @@ variable "functions" {
   }
   validation {
     condition = alltrue([for f in values(var.functions) : alltrue([for k in keys(f.env) :
-      !contains(["PORT", "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "GOOGLE_CLOUD_PROJECT", "MODEL_DIR", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_AUTH", "REDIS_CA_CERT"], k) && !startswith(k, "K_") && !startswith(k, "CLOUD_RUN_") && !startswith(k, "BATCH_")
+      !contains(["PORT", "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "GOOGLE_CLOUD_PROJECT", "MODEL_DIR", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_AUTH", "REDIS_CA_CERT", "API_KEYS", "IAM_REQUIRED"], k) && !startswith(k, "K_") && !startswith(k, "CLOUD_RUN_") && !startswith(k, "BATCH_")
     ])])
-    error_message = "env may not set PORT, K_*, CLOUD_RUN_*, FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, GOOGLE_CLOUD_PROJECT, MODEL_DIR (baked into the image), REDIS_* or BATCH_*: Cloud Run, the image or Terraform sets them."
+    error_message = "env may not set PORT, K_*, CLOUD_RUN_*, FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, GOOGLE_CLOUD_PROJECT, MODEL_DIR (baked into the image), REDIS_*, BATCH_*, API_KEYS (see api_keys) or IAM_REQUIRED (follows allow_unauthenticated): Cloud Run, the image or Terraform sets them."
   }
 }
 
@@ -280,4 +280,37 @@ variable "force_destroy_buckets" {
   description = "Let `terraform destroy` delete the buckets with their objects (models, inputs, predictions). Off by default: a destroy then stops at a non-empty bucket."
   type        = bool
   default     = false
+}
+
+variable "rate_limit" {
+  description = "Requests each client may make to each HTTP function, e.g. \"60/minute\" or \"10/second\" (RATE_LIMIT; a token bucket in Redis shared by all instances, per instance without Redis). A client is its API key, else the caller Cloud Run IAM verified, else its address. null (the default): no limit. A function's env may set its own RATE_LIMIT."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.rate_limit == null || can(regex("^[1-9][0-9]*/([1-9][0-9]*)?(s|sec|second|m|min|minute|h|hour)s?$", var.rate_limit))
+    error_message = "rate_limit must look like 60/minute, 10/second, 1000/hour or 10/30s."
+  }
+}
+
+variable "api_keys" {
+  description = <<-EOT
+    API-key mode, for callers that do not use Cloud Run IAM (e.g. with allow_unauthenticated behind your
+    own gateway). enabled: create the secret <name_prefix>-api-keys and pass it to the HTTP functions as
+    API_KEYS; requests then need one of its keys in X-API-Key. Terraform never sees the keys: add the
+    first version before applying (gcloud secrets versions add <name_prefix>-api-keys --data-file=-),
+    with comma-separated keys of 16+ characters.
+    secret_version: the version the functions read; pin a number and change it to roll keys out (a new
+    revision), or "latest" (read when an instance starts).
+  EOT
+  type = object({
+    enabled        = optional(bool, false)
+    secret_version = optional(string, "latest")
+  })
+  default = {}
+
+  validation {
+    condition     = can(regex("^(latest|[1-9][0-9]*)$", var.api_keys.secret_version))
+    error_message = "api_keys.secret_version must be \"latest\" or a version number such as \"3\"."
+  }
 }
