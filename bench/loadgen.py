@@ -7,10 +7,13 @@ latency. This client records both per request, in a few microseconds of CPU each
 over asyncio streams, no HTTP library), and reports its own CPU time so the cost is visible.
 
 Every request carries a text no other request has (a sample review plus a serial number), so no
-cache or single-flight deduplication can answer it.
+cache or single-flight deduplication can answer it; ``--repeat 0.5`` instead sends half of the
+requests with the sample texts alone, which recur (for the cache's tests).
 
 Usage: ``python bench/loadgen.py URL --connections 32 --duration 15 [--warmup 3]``; prints
-one JSON object.
+one JSON object. ``--events PATH`` also writes every request as a JSON line: when it was sent
+and answered (``time.perf_counter()``, on Linux the system-wide monotonic clock, so comparable
+with another process's) and its status or error, for tests that time faults against requests.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Stats:
     def __init__(self) -> None:
         self.latency: dict[int, list[float]] = {}
         self.errors: dict[str, int] = {}
+        # (sent, answered, status or error kind) of every request, warm-up included.
+        self.events: list[tuple[float, float, int | str]] = []
 
     def add(self, status: int, seconds: float) -> None:
         self.latency.setdefault(status, []).append(seconds)
@@ -97,6 +102,7 @@ async def _connection(
     stats: Stats,
     timeout: float,
     texts_per_request: int,
+    repeat: float = 0.0,
 ) -> None:
     reader = writer = None
     n = serial
@@ -106,14 +112,20 @@ async def _connection(
                 reader, writer = await asyncio.open_connection(host, port)
             except OSError:
                 stats.error("connect")
+                now = time.perf_counter()
+                stats.events.append((now, now, "connect"))
                 await asyncio.sleep(0.05)
                 continue
         assert reader is not None
+        # A recurring request sends the sample texts alone (a fixed share, spread evenly).
+        recurring = n * 37 % 100 < repeat * 100
         if texts_per_request == 1:
-            body = json.dumps({"text": f"{SAMPLES[n % len(SAMPLES)]} (#{n})"}).encode()
+            tag = "" if recurring else f" (#{n})"
+            body = json.dumps({"text": f"{SAMPLES[n % len(SAMPLES)]}{tag}"}).encode()
         else:
             texts = [
-                f"{SAMPLES[(n + k) % len(SAMPLES)]} (#{n}.{k})" for k in range(texts_per_request)
+                SAMPLES[(n + k) % len(SAMPLES)] + ("" if recurring else f" (#{n}.{k})")
+                for k in range(texts_per_request)
             ]
             body = json.dumps({"texts": texts}).encode()
         n += stride
@@ -127,15 +139,18 @@ async def _connection(
             status, close = await asyncio.wait_for(_read_response(reader), timeout)
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
             stats.error("connection")
+            stats.events.append((sent, time.perf_counter(), "connection"))
             writer.close()
             writer = None
             continue
         except TimeoutError:
             stats.error("timeout")
+            stats.events.append((sent, time.perf_counter(), "timeout"))
             writer.close()
             writer = None
             continue
         done = time.perf_counter()
+        stats.events.append((sent, done, status))
         if sent >= record_from and done <= stop:
             stats.add(status, done - sent)
         if close:
@@ -152,6 +167,8 @@ async def run(
     warmup: float,
     timeout: float,
     texts_per_request: int = 1,
+    repeat: float = 0.0,
+    events: str | None = None,
 ) -> dict:
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
@@ -172,10 +189,16 @@ async def run(
                 stats,
                 timeout,
                 texts_per_request,
+                repeat,
             )
             for i in range(connections)
         )
     )
+    if events:
+        with open(events, "w", encoding="utf-8") as f:
+            for sent, answered, outcome in sorted(stats.events):
+                key = "status" if isinstance(outcome, int) else "error"
+                f.write(json.dumps({"sent": sent, "answered": answered, key: outcome}) + "\n")
     ok = stats.latency.get(200, [])
     everything = [s for v in stats.latency.values() for s in v]
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -212,9 +235,22 @@ def main() -> int:
     parser.add_argument(
         "--texts", type=int, default=1, help='texts per request (>1 sends {"texts": [...]})'
     )
+    parser.add_argument(
+        "--repeat", type=float, default=0.0, help="share of requests whose texts recur (0-1)"
+    )
+    parser.add_argument("--events", help="write every request as a JSON line to this file")
     args = parser.parse_args()
     result = asyncio.run(
-        run(args.url, args.connections, args.duration, args.warmup, args.timeout, args.texts)
+        run(
+            args.url,
+            args.connections,
+            args.duration,
+            args.warmup,
+            args.timeout,
+            args.texts,
+            args.repeat,
+            args.events,
+        )
     )
     json.dump(result, sys.stdout)
     print()

@@ -141,6 +141,42 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     return config
 
 
+def check_weights(path: Path, info: dict[str, Any], unused: tuple[str, ...] = ()) -> None:
+    """Refuse weights that leave part of the model random: tensors missing or of other shapes.
+
+    transformers fills such tensors with random values and carries on (a classifier without its
+    head would answer, wrongly); ``info`` is its ``output_loading_info``. Missing tensors whose
+    dotted name has a part in ``unused`` are allowed (an encoder never uses BERT's pooler).
+
+    Raises:
+        ConfigError: Naming the weights file and the first tensors concerned.
+    """
+    weights = path / "model.safetensors"
+    missing = sorted(
+        str(k) for k in info.get("missing_keys") or () if not set(str(k).split(".")) & set(unused)
+    )
+    if missing:
+        raise ConfigError(
+            f"{weights} lacks {len(missing)} tensor(s) the model needs ({_first(missing)}); "
+            "they would be random"
+        )
+    mismatched = sorted(str(k[0]) for k in info.get("mismatched_keys") or ())
+    if mismatched:
+        raise ConfigError(
+            f"{weights} does not match {path / 'config.json'}: {len(mismatched)} tensor(s) "
+            f"have other shapes ({_first(mismatched)})"
+        )
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _check_pooling(path: Path) -> None:
     """Encoders are read with mean pooling: refuse a sentence-transformers dir saying otherwise."""
     pooling = path / "1_Pooling" / "config.json"
@@ -199,6 +235,8 @@ class _TransformerModel:
     """
 
     kind: ClassVar[str]
+    # Parts of the architecture this class never runs: their weights may be absent.
+    unused_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -290,13 +328,25 @@ class _TransformerModel:
         torch.set_num_threads(threads)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # The libraries raise many types for one cause, a bad file: each becomes one clear line.
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = cls._auto_class().from_pretrained(
-                path, local_files_only=True, use_safetensors=True
+        except Exception as exc:
+            raise ConfigError(f"could not load the tokenizer in {path}: {_one_line(exc)}") from exc
+        weights = path / "model.safetensors"
+        try:
+            # Mis-shaped tensors are reported by check_weights, by name, not as an error that
+            # points at a report the quiet logging above hides.
+            model, info = cls._auto_class().from_pretrained(
+                path,
+                local_files_only=True,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
             )
-        except Exception as exc:  # the libraries raise many types for one cause: a bad directory
-            raise ConfigError(f"could not load the model in {path}: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(f"could not load the weights {weights}: {_one_line(exc)}") from exc
+        check_weights(path, info, unused=cls.unused_weights)
         model.eval()
         plan = quantization.resolve(quantize, path)
         if plan:
@@ -431,6 +481,7 @@ class TextEncoder(_TransformerModel):
     """
 
     kind = ENCODER
+    unused_weights = ("pooler",)  # mean pooling over the token states; BERT's pooler is unused
 
     @staticmethod
     def _auto_class() -> Any:
