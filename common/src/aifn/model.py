@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from aifn import quantize as quantization
 from aifn.errors import ConfigError
+from aifn.simplify import simplify
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -351,6 +352,8 @@ class _TransformerModel:
         plan = quantization.resolve(quantize, path)
         if plan:
             quantization.apply(model, plan)
+        # Exact: the frozen mean-pooling layer's constant matrices become what they compute.
+        shortcuts = simplify(model)
         limit = min(
             max_tokens,
             getattr(model.config, "max_position_embeddings", max_tokens),
@@ -372,6 +375,7 @@ class _TransformerModel:
                     "torch_threads": threads,
                     "max_tokens": limit,
                     "quantization": plan or "float32",
+                    "shortcut_layers": len(shortcuts),
                 }
             },
         )
