@@ -333,7 +333,7 @@ def test_bad_inputs_get_a_json_4xx(
 
 def test_openapi_document_is_valid_and_describes_classify(openapi: dict[str, Any]) -> None:
     validate_openapi(openapi)
-    assert set(openapi["paths"]) == {ENDPOINT, "/v1/health", "/openapi.json"}
+    assert set(openapi["paths"]) == {ENDPOINT, "/v1/health", "/openapi.json", "/metrics"}
     post_op = openapi["paths"][ENDPOINT]["post"]
     assert {"200", "400", "413", "415", "422", "500", "503"} <= set(post_op["responses"])
     request_schema = _request_schema(openapi)

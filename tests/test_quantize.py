@@ -185,10 +185,7 @@ def test_cpu_count_honours_a_cgroup_quota(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: 64.0)
     assert settings.cpu_count() == affinity
     monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: None)
-    assert settings.machine_defaults() == {
-        "model_workers": affinity,
-        "threads": settings.THREADS_PER_CPU * affinity,
-    }
+    assert settings.machine_defaults() == {"model_workers": affinity}
 
 
 def test_the_function_sizes_gunicorn_threads_before_gunicorn_starts(
@@ -200,8 +197,10 @@ def test_the_function_sizes_gunicorn_threads_before_gunicorn_starts(
 
     os.environ.pop("THREADS", None)
     os.environ["MODEL_DIR"] = str(sentiment_model_dir)
+    # One thread per request the model could hold: 256 queued texts + 2 workers x 32 running.
+    os.environ.update(MAX_QUEUED_TEXTS="256", MODEL_WORKERS="2", INFERENCE_BATCH_SIZE="32")
     functions_framework.create_app(
         target="sentiment", source=str(REPO / "functions" / "sentiment" / "main.py")
     )
     # functions-framework reads THREADS after importing the function, when it builds gunicorn.
-    assert os.environ["THREADS"] == str(settings.THREADS_PER_CPU * settings.cpu_count())
+    assert os.environ["THREADS"] == "320"

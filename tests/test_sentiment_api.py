@@ -147,7 +147,7 @@ def test_health_reports_the_model(client: Any, openapi: dict[str, Any]) -> None:
 
 def test_openapi_document_is_valid_and_lists_the_endpoints(openapi: dict[str, Any]) -> None:
     validate_openapi(openapi)
-    assert set(openapi["paths"]) == {ENDPOINT, "/v1/health", "/openapi.json"}
+    assert set(openapi["paths"]) == {ENDPOINT, "/v1/health", "/openapi.json", "/metrics"}
     post_op = openapi["paths"][ENDPOINT]["post"]
     assert {"400", "413", "415", "422", "500", "503"} <= set(post_op["responses"])
     example = post_op["requestBody"]["content"]["application/json"]["example"]

@@ -53,7 +53,8 @@ class Server:
         return lines
 
 
-def start_server(model_dir: Path, tmp: Path, **env: str) -> Server:
+def start_server(model_dir: Path, tmp: Path, *, function: str = "sentiment", **env: str) -> Server:
+    """``functions-framework --target <function>`` serving ``model_dir``, once it listens."""
     port = free_port()
     log_path = tmp / "server.log"
     environ = {
@@ -69,8 +70,8 @@ def start_server(model_dir: Path, tmp: Path, **env: str) -> Server:
         proc = subprocess.Popen(
             [
                 str(VENV_BIN / "functions-framework"),
-                "--target=sentiment",
-                f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
+                f"--target={function}",
+                f"--source={REPO / 'functions' / function / 'main.py'}",
                 f"--port={port}",
                 "--host=127.0.0.1",
             ],

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from aifn.errors import ERROR_TYPES, ConfigError, errors_table
+from aifn.ratelimit import Rate
 from aifn.settings import Settings, documented_settings, read_env, settings_table
 
 from .conftest import REPO
@@ -45,6 +46,7 @@ def test_every_variable_is_read() -> None:
         "LOG_LEVEL": "debug",
         "LOG_REQUEST_TEXT": "true",
         "GOOGLE_CLOUD_PROJECT": "my-proj",
+        "METRICS": "off",
         "CACHE_MAX_ENTRIES": "500",
         "CACHE_TTL_SECONDS": "60",
         "REDIS_URL": "rediss://:pw@10.0.0.3:6378/0",
@@ -54,6 +56,10 @@ def test_every_variable_is_read() -> None:
         "REDIS_CA_CERT": "/secrets/ca.pem",
         "REDIS_TIMEOUT_MS": "100",
         "REDIS_PROBE_SECONDS": "2.5",
+        "RATE_LIMIT": "60/minute",
+        "IAM_REQUIRED": "true",
+        "FORWARDED_FOR_HOPS": "2",
+        "API_KEYS": "key-one-0123456789abcdef,key-two-0123456789abcdef",
     }
     s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ=env)
     assert s == Settings(
@@ -72,6 +78,7 @@ def test_every_variable_is_read() -> None:
         log_level="DEBUG",
         log_request_text=True,
         google_cloud_project="my-proj",
+        metrics=False,
         cache_max_entries=500,
         cache_ttl_seconds=60,
         redis_url="rediss://:pw@10.0.0.3:6378/0",
@@ -81,6 +88,10 @@ def test_every_variable_is_read() -> None:
         redis_ca_cert="/secrets/ca.pem",
         redis_timeout_ms=100,
         redis_probe_seconds=2.5,
+        rate_limit=Rate(60, 60.0),
+        iam_required=True,
+        forwarded_for_hops=2,
+        api_keys=("key-one-0123456789abcdef", "key-two-0123456789abcdef"),
     )
     # Every documented variable appears in this test, so a new knob cannot go untested.
     assert {var for var, _, _ in documented_settings()} == set(env)

@@ -22,7 +22,7 @@ from aifn import batch, runtime
 from aifn.errors import InvalidRequest
 from aifn.model import CLASSIFIER, ENCODER, Prediction, TextClassifier, TextEncoder, rank
 from aifn.openapi import ref
-from aifn.validation import check_string, json_type, parse_texts, require_object
+from aifn.validation import TEXT_PATTERN, check_string, json_type, parse_texts, require_object
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_LABEL_CHARS = 100
@@ -51,7 +51,12 @@ ZERO_SHOT = zero_shot is not None
 
 
 def _request_schema() -> dict[str, Any]:
-    label: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
+    label: dict[str, Any] = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_LABEL_CHARS,
+        "pattern": TEXT_PATTERN,
+    }
     if not ZERO_SHOT:
         label["enum"] = service.model.labels
     return {
@@ -79,6 +84,7 @@ def _request_schema() -> dict[str, Any]:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": MAX_DESCRIPTION_CHARS,
+                    "pattern": TEXT_PATTERN,
                 },
                 "description": "Zero-shot only: a phrase per label describing it, embedded "
                 "instead of the label's template. Keys must be in `labels`.",
@@ -91,7 +97,8 @@ def _request_schema() -> dict[str, Any]:
             },
             "template": {
                 "type": "string",
-                "pattern": "^(?!.*\\{label\\}.*\\{label\\}).*\\{label\\}",
+                # `{label}` once, no NUL; [^\x00] rather than `.`, which stops at line ends.
+                "pattern": r"^(?![^\x00]*\{label\}[^\x00]*\{label\})[^\x00]*\{label\}[^\x00]*$",
                 "maxLength": 200,
                 "description": "Zero-shot only: phrasing for labels without a description, "
                 f"with `{{label}}` once (default `{options.zero_shot_template}`).",

@@ -67,6 +67,8 @@ class DynamicBatcher(Generic[R]):
         workers: Threads taking batches from the queue, so up to this many batches run at once
             (each should be given its share of the CPUs by ``on_start``).
         on_start: Called first in each worker thread (e.g. to set torch's threads there).
+        on_batch: Called after each run of the model with its number of texts and seconds
+            (for metrics); failed runs and the retries of a failed batch included.
     """
 
     def __init__(
@@ -81,12 +83,14 @@ class DynamicBatcher(Generic[R]):
         name: str = "model",
         workers: int = 1,
         on_start: Callable[[], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._run = run
         self.workers = workers
         self._on_start = on_start
+        self._on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_queued = max_queued
@@ -191,7 +195,7 @@ class DynamicBatcher(Generic[R]):
                 continue
             texts = [t for job in batch for t in job.texts]
             try:
-                outputs = self._run(texts)
+                outputs = self._timed_run(texts)
                 if len(outputs) != len(texts):
                     raise RuntimeError(f"{len(outputs)} results for {len(texts)} texts")
             except Exception as exc:
@@ -206,6 +210,14 @@ class DynamicBatcher(Generic[R]):
                 job.future.set_result(outputs[start : start + len(job.texts)])
                 start += len(job.texts)
 
+    def _timed_run(self, texts: list[str]) -> list[R]:
+        started = time.perf_counter()
+        try:
+            return self._run(texts)
+        finally:
+            if self._on_batch is not None:
+                self._on_batch(len(texts), time.perf_counter() - started)
+
     def _isolate(self, batch: list[_Job[R]], exc: Exception) -> None:
         """A failed batch: run each request's texts alone, so only a bad one fails."""
         if len(batch) == 1:
@@ -216,6 +228,6 @@ class DynamicBatcher(Generic[R]):
             self.stats.isolated_retries += 1
         for job in batch:
             try:
-                job.future.set_result(self._run(job.texts))
+                job.future.set_result(self._timed_run(job.texts))
             except Exception as alone:
                 job.future.set_exception(alone)

@@ -56,6 +56,15 @@ class PayloadTooLarge(ApiError):
     description = "The body is larger than `MAX_BODY_BYTES`."
 
 
+class Unauthorized(ApiError):
+    status = 401
+    type = "unauthorized"
+    description = (
+        "API-key mode is on (`API_KEYS`) and the request has no `X-API-Key` header, or not a "
+        "current key."
+    )
+
+
 class UnsupportedMediaType(ApiError):
     status = 415
     type = "unsupported_media_type"
@@ -86,6 +95,15 @@ class Overloaded(ApiError):
     )
 
 
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limited"
+    description = (
+        "This client used up its request budget (`RATE_LIMIT`); nothing was done. Retry after "
+        "`Retry-After` seconds; the `RateLimit-*` headers show the budget."
+    )
+
+
 class DeadlineExceeded(ApiError):
     status = 503
     type = "deadline_exceeded"
@@ -109,6 +127,7 @@ class InternalError(ApiError):
 
 ERROR_TYPES: tuple[type[ApiError], ...] = (
     InvalidJson,
+    Unauthorized,
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -116,6 +135,7 @@ ERROR_TYPES: tuple[type[ApiError], ...] = (
     InvalidRequest,
     TooManyTexts,
     Overloaded,
+    RateLimited,
     DeadlineExceeded,
     NotReady,
     InternalError,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aifn.errors import ERROR_TYPES, ApiError
+from aifn.validation import TEXT_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -77,7 +78,12 @@ COMPONENTS: dict[str, Any] = {
             },
         },
     },
-    "Text": {"type": "string", "minLength": 1, "description": "One text (not blank)."},
+    "Text": {
+        "type": "string",
+        "minLength": 1,
+        "pattern": TEXT_PATTERN,
+        "description": "One text: not blank, no NUL character.",
+    },
     "TextList": {
         "type": "array",
         "minItems": 1,
@@ -153,6 +159,21 @@ COMPONENTS: dict[str, Any] = {
                 "or timed out, failed batches retried request by request).",
                 "additionalProperties": {"type": "integer"},
             },
+            "rate_limit": {
+                "type": "object",
+                "description": "Only when RATE_LIMIT is set: the limit, where the buckets live "
+                "(redis or memory), the circuit-breaker state, and requests allowed, limited, "
+                "and decided in process because Redis failed, since start.",
+                "required": ["limit", "backend", "state", "allowed", "limited", "fallback"],
+                "properties": {
+                    "limit": {"type": "string"},
+                    "backend": {"type": "string", "enum": ["memory", "redis"]},
+                    "state": {"type": "string", "enum": ["closed", "open"]},
+                    "allowed": {"type": "integer"},
+                    "limited": {"type": "integer"},
+                    "fallback": {"type": "integer"},
+                },
+            },
         },
     },
 }
@@ -169,17 +190,27 @@ class Operation:
     request_schema: dict[str, Any] | None = None
     request_example: Any = None
     errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
+    response_media_type: str = "application/json"
 
 
 def document(
-    *, title: str, version: str, description: str, operations: Iterable[Operation]
+    *,
+    title: str,
+    version: str,
+    description: str,
+    operations: Iterable[Operation],
+    max_texts: int | None = None,
 ) -> dict[str, Any]:
+    """The whole document; ``max_texts`` (MAX_BATCH_TEXTS) becomes ``TextList.maxItems``."""
+    components = dict(COMPONENTS)
+    if max_texts is not None:
+        components["TextList"] = {**COMPONENTS["TextList"], "maxItems": max_texts}
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         responses: dict[str, Any] = {
             "200": {
                 "description": "Success.",
-                "content": {"application/json": {"schema": op.response_schema}},
+                "content": {op.response_media_type: {"schema": op.response_schema}},
             }
         }
         for status in sorted({e.status for e in op.errors}):
@@ -203,5 +234,5 @@ def document(
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": description},
         "paths": paths,
-        "components": {"schemas": COMPONENTS},
+        "components": {"schemas": components},
     }

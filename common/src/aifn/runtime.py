@@ -18,6 +18,7 @@ from aifn import logs
 from aifn.batching import DynamicBatcher
 from aifn.cache import from_settings
 from aifn.errors import ConfigError
+from aifn.metrics import Metrics
 from aifn.model import CLASSIFIER, TextClassifier, load_model
 from aifn.service import Service
 from aifn.settings import Settings, machine_defaults, read_env
@@ -76,6 +77,7 @@ def start(
         cache = from_settings(settings, function=function, revision=model.identity.revision)
     except ConfigError as exc:
         raise SystemExit(f"{function}: configuration error: {exc}") from None
+    metrics = Metrics(function) if settings.metrics else None
     batcher: DynamicBatcher[Any] = DynamicBatcher(
         model.scores if isinstance(model, TextClassifier) else model.rows,
         max_batch=settings.inference_batch_size,
@@ -85,7 +87,12 @@ def start(
         name=function,
         workers=settings.model_workers,
         on_start=lambda: model.use_threads(settings.torch_threads),
+        on_batch=metrics.observe_batch if metrics is not None else None,
     )
+    if metrics is not None:
+        metrics.watch(
+            identity=model.identity, kind=model.kind, queued=lambda: batcher.queued, cache=cache
+        )
     service = Service(
         function=function,
         settings=settings,
@@ -93,6 +100,7 @@ def start(
         cache=cache,
         batcher=batcher,
         description=description,
+        metrics=metrics,
     )
     if flask.has_app_context():
         service.attach(flask.current_app)

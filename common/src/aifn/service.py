@@ -2,9 +2,9 @@
 
 functions-framework hands every path and method to one entry point; :class:`Service` routes
 them. A capability registers its endpoints with :meth:`Service.post`; the service supplies
-``GET /v1/health`` and ``GET /openapi.json``. Handlers receive the decoded JSON body and return a
-JSON-able dict; anything else they raise becomes a JSON error (see :mod:`aifn.errors`). This
-layer never touches tensors.
+``GET /v1/health``, ``GET /openapi.json`` and (unless ``METRICS=off``) ``GET /metrics``.
+Handlers receive the decoded JSON body and return a JSON-able dict; anything else they raise
+becomes a JSON error (see :mod:`aifn.errors`). This layer never touches tensors.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
-from aifn import errors, logs, openapi
+from aifn import auth, errors, logs, openapi
 from aifn.batching import DynamicBatcher
 from aifn.cache import PredictionCache
+from aifn.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aifn.metrics import UNMATCHED, Metrics
 from aifn.model import TextClassifier, TextEncoder
 from aifn.settings import Settings
 from aifn.validation import read_json
@@ -30,6 +32,8 @@ from aifn.validation import read_json
 log = logging.getLogger("aifn.request")
 
 Handler = Callable[[Any], dict[str, Any]]
+# The service's own routes may answer with a ready response (``/metrics`` is text, not JSON).
+_AnyHandler = Callable[[Any], "dict[str, Any] | flask.Response"]
 
 _POST_ERRORS: tuple[type[errors.ApiError], ...] = (
     errors.InvalidJson,
@@ -55,7 +59,7 @@ _HTTP_STATUS_TO_ERROR: dict[int, type[errors.ApiError]] = {
 @dataclass(frozen=True)
 class _Route:
     operation: openapi.Operation
-    handler: Handler
+    handler: _AnyHandler
 
 
 class Service:
@@ -67,6 +71,8 @@ class Service:
         model: The loaded model; health reports its identity.
         cache: The prediction cache handlers use; health reports its state and counters.
         batcher: The model's batching queue handlers send texts through.
+        guard: API keys and rate limits for the ``post()`` routes; from the settings when omitted.
+        metrics: Where requests are counted, served at ``GET /metrics``; ``None``: no metrics.
         description: One paragraph for the OpenAPI document.
         version: The API document's version.
     """
@@ -81,12 +87,15 @@ class Service:
         batcher: DynamicBatcher[Any],
         description: str,
         version: str = "1.0.0",
+        guard: auth.Guard | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.function = function
         self.settings = settings
         self.model = model
         self.cache = cache
         self.batcher = batcher
+        self.guard = guard or auth.Guard.from_settings(settings, function=function)
         self._description = description
         self._version = version
         self._routes: dict[str, dict[str, _Route]] = {}
@@ -110,6 +119,22 @@ class Service:
             ),
             lambda _body: self.openapi(),
         )
+        self.metrics = metrics
+        if metrics is not None:
+            # A GET, so neither API keys nor rate limits apply (they guard the post() routes):
+            # like health, it is protected by Cloud Run IAM and ingress.
+            self._add(
+                openapi.Operation(
+                    method="GET",
+                    path="/metrics",
+                    summary="Prometheus metrics of this instance, in the text exposition format.",
+                    response_schema={"type": "string"},
+                    response_media_type="text/plain",
+                ),
+                lambda _body: flask.Response(
+                    metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE
+                ),
+            )
 
     def post(
         self,
@@ -131,7 +156,7 @@ class Service:
                     request_schema=request_schema,
                     response_schema=response_schema,
                     request_example=request_example,
-                    errors=_POST_ERRORS,
+                    errors=_POST_ERRORS + self.guard.errors,
                 ),
                 handler,
             )
@@ -139,7 +164,7 @@ class Service:
 
         return register
 
-    def _add(self, operation: openapi.Operation, handler: Handler) -> None:
+    def _add(self, operation: openapi.Operation, handler: _AnyHandler) -> None:
         self._routes.setdefault(operation.path, {})[operation.method] = _Route(operation, handler)
         self._openapi = None
 
@@ -150,13 +175,14 @@ class Service:
                 version=self._version,
                 description=self._description,
                 operations=[r.operation for m in self._routes.values() for r in m.values()],
+                max_texts=self.settings.max_batch_texts,
             )
         return self._openapi
 
     def _health(self, _body: Any) -> dict[str, Any]:
         if not self.model.ready:
             raise errors.NotReady("the model is still loading")
-        return {
+        health = {
             "status": "ok",
             "function": self.function,
             "model": self.model.identity.to_json(),
@@ -165,6 +191,9 @@ class Service:
             "cache": self.cache.describe(),
             "batching": {"queued": self.batcher.queued, **dataclasses.asdict(self.batcher.stats)},
         }
+        if self.guard.limiter is not None:
+            health["rate_limit"] = self.guard.limiter.describe()
+        return health
 
     def attach(self, app: flask.Flask) -> None:
         """Make the hosting Flask app answer its own errors in JSON.
@@ -207,9 +236,22 @@ class Service:
             # Time spent in the function, for clients and benchmarks (W3C Server-Timing).
             response.headers["Server-Timing"] = f"app;dur={1000 * seconds:.3f}"
             self._log_request(request, response, seconds, error)
+            if self.metrics is not None:
+                self.metrics.observe_request(
+                    route=self._route_label(request),
+                    method=request.method,
+                    status=response.status_code,
+                    seconds=seconds,
+                    error_type=error.type if error is not None else None,
+                )
             return response
         finally:
             logs.reset_trace(token)
+
+    def _route_label(self, request: flask.Request) -> str:
+        """The registered path a request was for, or ``unmatched``: a bounded metrics label."""
+        path = request.path.rstrip("/") or "/"
+        return path if path in self._routes else UNMATCHED
 
     def _dispatch(self, request: flask.Request) -> flask.Response:
         path = request.path.rstrip("/") or "/"
@@ -224,12 +266,25 @@ class Service:
                 f"{request.method} is not allowed on {path}; use {', '.join(allowed)}",
                 headers={"Allow": ", ".join(allowed)},
             )
-        body = (
-            read_json(request, max_bytes=self.settings.max_body_bytes) if method == "POST" else None
-        )
-        if method == "POST" and self.settings.log_request_text:
-            log.debug("request body", extra={"fields": {"body": body}})
-        return _json_response(route.handler(body), 200)
+        # API key and rate limit first: a refused request costs no body read.
+        limit_headers = self.guard.check(request) if method == "POST" else {}
+        try:
+            body = (
+                read_json(request, max_bytes=self.settings.max_body_bytes)
+                if method == "POST"
+                else None
+            )
+            if method == "POST" and self.settings.log_request_text:
+                log.debug("request body", extra={"fields": {"body": body}})
+            result = route.handler(body)
+            if not isinstance(result, flask.Response):
+                result = _json_response(result, 200)
+            response = result
+        except errors.ApiError as exc:
+            exc.headers = {**limit_headers, **exc.headers}
+            raise
+        response.headers.update(limit_headers)
+        return response
 
     def _error_response(self, exc: errors.ApiError) -> flask.Response:
         response = _json_response(exc.body(), exc.status)
@@ -259,6 +314,8 @@ class Service:
             fields["httpRequest"]["requestSize"] = str(request.content_length)
         if error is not None:
             fields["error_type"] = error.type
+        if auth.KEY_ID_ENVIRON in request.environ:  # the key's id, never the key
+            fields["api_key_id"] = request.environ[auth.KEY_ID_ENVIRON]
         level = logging.ERROR if response.status_code >= 500 else logging.INFO
         log.log(
             level,

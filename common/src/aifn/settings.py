@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from aifn import quantize as quantization
 from aifn.errors import ConfigError
+from aifn.ratelimit import Rate, parse_rate
 
 
 def cpu_count() -> int:
@@ -33,16 +34,20 @@ def cpu_count() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
-# Request threads per vCPU when THREADS is unset. A thread per in-flight request lets every
-# request the instance holds reach the model worker's queue (where backpressure and batching
-# apply) instead of waiting unseen in gunicorn's; threads waiting on the model cost ~nothing.
-THREADS_PER_CPU = 16
-
-
 def machine_defaults() -> dict[str, int]:
-    """Defaults that follow the instance's CPUs: model workers and gunicorn request threads."""
-    cpus = cpu_count()
-    return {"model_workers": cpus, "threads": THREADS_PER_CPU * cpus}
+    """Defaults that follow the instance's CPUs: the model workers."""
+    return {"model_workers": cpu_count()}
+
+
+def default_threads(max_queued_texts: int, model_workers: int, batch_size: int) -> int:
+    """gunicorn request threads when THREADS is unset: one per request the model could hold.
+
+    A request waiting for the model holds at least one queued or running text, so this many
+    threads let every request the model could still take reach its queue, where backpressure
+    answers the excess with 429 at once; with fewer, requests would wait unseen in gunicorn's
+    own queue. Idle threads cost nothing: gunicorn starts them as requests arrive.
+    """
+    return max_queued_texts + model_workers * batch_size
 
 
 def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
@@ -121,6 +126,15 @@ def _path(raw: str) -> Path:
 
 def _optional_str(raw: str) -> str | None:
     return raw.strip() or None
+
+
+def _api_keys(raw: str) -> tuple[str, ...] | None:
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for n, key in enumerate(keys, 1):
+        if len(key) < 16 or any(c.isspace() for c in key):
+            # Never quote the key: this message ends up in logs.
+            raise ValueError(f"key {n} of {len(keys)} is shorter than 16 characters or has spaces")
+    return keys or None
 
 
 def unit_interval(raw: str) -> float:
@@ -222,7 +236,7 @@ class Settings:
     model_workers: int = setting(
         "MODEL_WORKERS",
         "Threads running the model, each on its own batch at once. One per vCPU: on 2 vCPUs two "
-        "workers with one torch thread each served 15-20% more requests/s than one worker "
+        "workers with one torch thread each served 11-14% more requests/s than one worker "
         "with two (see README, Performance).",
         shown_default="the CPUs this process may use (affinity, capped by the cgroup quota)",
         parse=positive_int,
@@ -237,9 +251,10 @@ class Settings:
     threads: int = setting(
         "THREADS",
         "Request threads of the gunicorn worker (functions-framework's own variable; the function "
-        "fills in this default before gunicorn starts). Match it to Cloud Run's concurrency, so "
-        "every request the instance holds is visible to batching and backpressure.",
-        shown_default=f"{THREADS_PER_CPU} per CPU",
+        "fills in this default before gunicorn starts). The default lets every request the model "
+        "could take reach its queue, so overload is refused with 429 at once instead of waiting "
+        "unseen in gunicorn's queue. On Cloud Run set it to the concurrency (Terraform does).",
+        shown_default="`MAX_QUEUED_TEXTS` + `MODEL_WORKERS` x `INFERENCE_BATCH_SIZE`",
         parse=positive_int,
     )
     quantize: str = setting(
@@ -269,6 +284,15 @@ class Settings:
         "Terraform sets it.",
         shown_default="unset (trace ids are logged bare)",
         parse=_optional_str,
+    )
+    metrics: bool = setting(
+        "METRICS",
+        "Serve Prometheus metrics at `GET /metrics` (requests, latency, batches, queue, cache, "
+        "rejections; see README, Metrics). Like health, it needs no API key and is not rate "
+        "limited: Cloud Run IAM and ingress protect it. `false`: no endpoint (404), nothing "
+        "counted.",
+        True,
+        parse=parse_bool,
     )
     cache_max_entries: int = setting(
         "CACHE_MAX_ENTRIES",
@@ -329,6 +353,51 @@ class Settings:
         10.0,
         parse=_positive_float,
     )
+    rate_limit: Rate | None = setting(
+        "RATE_LIMIT",
+        "Requests each client may make to the prediction endpoints, e.g. `60/minute`, "
+        "`5/second`, `10/30s`: a token bucket, so a client may send that many at once, then "
+        "at that rate; more get 429 `rate_limited` with `Retry-After` before the body is read. "
+        "Shared by every instance through Redis when Redis is set, else (and while Redis is "
+        "down) per instance. Health, `/metrics` and `/openapi.json` are never limited. See "
+        "README, Security.",
+        shown_default="unset (no limit)",
+        parse=parse_rate,
+    )
+    iam_required: bool = setting(
+        "IAM_REQUIRED",
+        "`true` only when Cloud Run requires IAM for the service (no `allUsers` invoker; "
+        "Terraform sets it): rate limits then count per caller, the e-mail in the ID token "
+        "Cloud Run verified. When `false` that token is ignored, since anyone could write one.",
+        False,
+        parse=parse_bool,
+    )
+    forwarded_for_hops: int = setting(
+        "FORWARDED_FOR_HOPS",
+        "Without API keys or IAM, rate limits count per client address: the entry this many "
+        "places from the right of `X-Forwarded-For` (1 on Cloud Run, 2 behind an external "
+        "Application Load Balancer, 0 for the TCP peer). Entries further left can be forged.",
+        1,
+        parse=int_at_least(0),
+    )
+    api_keys: tuple[str, ...] | None = setting(
+        "API_KEYS",
+        "API-key mode, for deployments without Cloud Run IAM: comma-separated keys of 16+ "
+        "characters (e.g. `openssl rand -hex 32`); prediction requests without one of them in "
+        "`X-API-Key` get 401 `unauthorized`. Two keys can be live at once, for rotation. Never "
+        "logged (the request log shows a key's id). Health, `/metrics` and `/openapi.json` need "
+        "no key.",
+        shown_default="unset (off)",
+        parse=_api_keys,
+        secret=True,
+    )
+
+    def __post_init__(self) -> None:
+        if self.threads is None:  # unset: derived from the settings it must cover
+            threads = default_threads(
+                self.max_queued_texts, self.model_workers or 1, self.inference_batch_size
+            )
+            object.__setattr__(self, "threads", threads)
 
     @classmethod
     def from_env(

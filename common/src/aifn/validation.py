@@ -117,8 +117,18 @@ def parse_texts(body: Mapping[str, Any], *, max_texts: int) -> Texts:
     return Texts([check_string(t, f"texts[{i}]") for i, t in enumerate(texts)], single=False)
 
 
+# What check_string accepts, as the OpenAPI document's `pattern` for texts and labels. The blank
+# characters are Python's (str.isspace, which strip() removes) spelled out, because JSON Schema
+# regexes (ECMA-262) give `\s` a different set. Unpaired surrogates cannot be written in a pattern.
+_BLANK = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+TEXT_PATTERN = rf"^[^\x00]*[^\x00{_BLANK}][^\x00]*$"
+
+
 def check_string(value: Any, where: str, *, max_chars: int | None = None) -> str:
-    """A non-blank string with no NUL or unpaired surrogate, at most ``max_chars`` long."""
+    """A non-blank string with no NUL or unpaired surrogate, at most ``max_chars`` long.
+
+    ``TEXT_PATTERN`` is the same rule (bar surrogates) for the OpenAPI document.
+    """
     if not isinstance(value, str):
         raise InvalidRequest(f"'{where}' must be a string, not {json_type(value)}")
     if not value.strip():

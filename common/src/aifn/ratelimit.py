@@ -1,0 +1,318 @@
+"""Per-client rate limits: a token bucket per client, shared by every instance through Redis.
+
+Each client (:mod:`aifn.auth` decides who counts as one) has a bucket of ``Rate.requests``
+tokens, refilled continuously at ``requests / period``; a request takes a token or is refused.
+A client may send its whole budget at once, then goes on at the steady rate.
+
+With Redis configured (the prediction cache's ``REDIS_*`` settings and client), every instance
+draws on the same bucket: one Lua script per request (EVALSHA through redis-py's ``Script``,
+which loads it again after a ``NOSCRIPT``), atomic, and timed by the Redis server's clock so the
+instances' clocks do not matter. Keys are ``aifn:rl:v1:<function>:<hash>``: identities are
+hashed, so key ids, e-mails and addresses are not stored in clear. A key expires once its bucket
+would be full again, so idle clients cost Redis nothing.
+
+Redis never fails a request: an error or a timeout (``REDIS_TIMEOUT_MS``) means the decision is
+made by a bucket in this process (the budget is then per instance), and after 3 failures in a
+row the cache's circuit breaker stops calling Redis until a background probe finds it back.
+
+Responses carry the fields of draft-ietf-httpapi-ratelimit-headers-06 (December 2022):
+``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset`` (seconds until the bucket is
+full again) and ``RateLimit-Policy`` (``<requests>;w=<period seconds>``), plus ``Retry-After``
+(whole seconds until the next token) on a 429.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aifn.cache import CircuitBreaker
+    from aifn.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "aifn:rl:v1"
+# In-process buckets kept at most; the least recently used go first. An evicted client starts
+# again with a full bucket, so the bound can only make the limit more lenient, never stricter.
+MAX_MEMORY_BUCKETS = 10_000
+
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+_RATE = re.compile(r"^(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``requests`` per ``period`` seconds, which is also the largest burst."""
+
+    requests: int
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.period
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.period:g}s"
+
+
+def parse_rate(raw: str) -> Rate | None:
+    """``"60/minute"``, ``"5/second"``, ``"1000/hour"``, ``"10/30s"``; ``"off"`` means no limit.
+
+    Raises:
+        ValueError: Not in that form, or zero requests.
+    """
+    value = raw.strip().lower()
+    if value in {"", "off", "none"}:
+        return None
+    m = _RATE.match(value)
+    unit = _UNITS.get(m.group(3)) if m else None
+    if m is None or unit is None:
+        raise ValueError("expected <requests>/<period>, e.g. 60/minute, 5/second, 10/30s")
+    requests, count = int(m.group(1)), int(m.group(2) or 1)
+    if requests < 1 or count < 1:
+        raise ValueError("requests and period must be at least 1")
+    return Rate(requests, float(count * unit))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One request's verdict and what its response tells the client."""
+
+    allowed: bool
+    rate: Rate
+    remaining: int  # whole tokens left after this request
+    reset: int  # seconds until the bucket is full again
+    retry_after: int  # seconds until the next token; 0 when allowed
+    backend: str  # "redis" or "memory": who decided
+
+    @classmethod
+    def of(cls, rate: Rate, allowed: bool, tokens: float, backend: str) -> Decision:
+        tokens = round(max(0.0, min(float(rate.requests), tokens)), 6)
+        wait = 0 if allowed else max(1, math.ceil((1 - tokens) / rate.per_second))
+        return cls(
+            allowed=allowed,
+            rate=rate,
+            remaining=math.floor(tokens),
+            reset=math.ceil((rate.requests - tokens) / rate.per_second),
+            retry_after=wait,
+            backend=backend,
+        )
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "RateLimit-Limit": str(self.rate.requests),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset),
+            "RateLimit-Policy": f"{self.rate.requests};w={self.rate.period:g}",
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(self.retry_after)
+        return out
+
+
+class MemoryBuckets:
+    """Token buckets in this process: thread-safe, at most ``max_clients``, idle ones dropped."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        rate: Rate,
+        *,
+        max_clients: int = MAX_MEMORY_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = rate
+        self._max = max_clients
+        self._clock = clock
+        # key -> (tokens, last update); ordered by last use, oldest first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str) -> tuple[bool, float]:
+        """Take a token from ``key``'s bucket: (allowed, tokens left)."""
+        rate = self._rate
+        now = self._clock()
+        with self._lock:
+            entry = self._buckets.pop(key, None)
+            tokens = float(rate.requests)
+            if entry is not None:
+                tokens = min(tokens, entry[0] + max(0.0, now - entry[1]) * rate.per_second)
+            allowed = tokens >= 1
+            if allowed:
+                tokens -= 1
+            self._buckets[key] = (tokens, now)
+            self._evict(now)
+        return allowed, tokens
+
+    def _evict(self, now: float) -> None:
+        # A bucket untouched for a whole period is full again: the same as no bucket at all.
+        while self._buckets:
+            _, (_, updated) = next(iter(self._buckets.items()))
+            if len(self._buckets) <= self._max and now - updated < self._rate.period:
+                return
+            self._buckets.popitem(last=False)
+
+
+# KEYS[1]: the bucket. ARGV: capacity, tokens per second. Returns {allowed, tokens left} with the
+# tokens as a string (Redis truncates Lua numbers to integers). TIME is the server's clock, so
+# every instance measures refills the same way (writing after TIME needs Redis 5+, where scripts
+# replicate their effects; Memorystore runs 7.x).
+_TAKE = """
+local capacity = tonumber(ARGV[1])
+local per_second = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1])
+local at = tonumber(state[2])
+if tokens == nil or at == nil then
+  tokens = capacity
+else
+  tokens = math.min(capacity, tokens + math.max(0, now - at) * per_second)
+end
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+local left = string.format('%.6f', tokens)
+redis.call('HSET', KEYS[1], 'tokens', left, 'at', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / per_second * 1000) + 1000)
+return {allowed, left}
+"""
+
+
+class RedisBuckets:
+    """Token buckets in Redis, one atomic script call per request."""
+
+    name = "redis"
+
+    def __init__(self, client: Any, rate: Rate) -> None:
+        self.client = client
+        self._rate = rate
+        self._script = client.register_script(_TAKE)
+
+    def take(self, key: str) -> tuple[bool, float]:
+        allowed, tokens = self._script(
+            keys=[key], args=[self._rate.requests, repr(self._rate.per_second)]
+        )
+        return int(allowed) == 1, float(tokens)
+
+    def ping(self) -> None:
+        self.client.ping()
+
+
+class RateLimiter:
+    """Decides per client identity, in Redis when it answers, else in this process.
+
+    Args:
+        rate: The budget of every client.
+        function: Part of every key, so each function has its own budgets.
+        redis: Shared buckets, or ``None`` for in-process only.
+        breaker: Guards ``redis`` (the cache's :class:`~aifn.cache.CircuitBreaker`).
+        memory: The fallback (and, without Redis, the only) buckets.
+        warn_interval: Least seconds between two warnings about Redis errors.
+    """
+
+    def __init__(
+        self,
+        rate: Rate,
+        *,
+        function: str,
+        redis: RedisBuckets | None = None,
+        breaker: CircuitBreaker | None = None,
+        memory: MemoryBuckets | None = None,
+        warn_interval: float = 60.0,
+    ) -> None:
+        self.rate = rate
+        self._function = function
+        self._redis = redis
+        self.breaker = breaker
+        self._memory = memory or MemoryBuckets(rate)
+        self._warn_interval = warn_interval
+        self._last_warning = -math.inf
+        self._lock = threading.Lock()
+        self.counts = {"allowed": 0, "limited": 0, "fallback": 0}
+
+    def key(self, identity: str) -> str:
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return f"{KEY_PREFIX}:{self._function}:{digest}"
+
+    def check(self, identity: str) -> Decision:
+        """Take one token from ``identity``'s bucket. Never raises for a Redis failure."""
+        key = self.key(identity)
+        decision: Decision | None = None
+        if self._redis is not None and (self.breaker is None or self.breaker.allow()):
+            try:
+                allowed, tokens = self._redis.take(key)
+            except Exception as exc:  # any Redis failure: decide here instead
+                self._failed(exc)
+            else:
+                if self.breaker is not None:
+                    self.breaker.success()
+                decision = Decision.of(self.rate, allowed, tokens, "redis")
+        if decision is None:
+            allowed, tokens = self._memory.take(key)
+            decision = Decision.of(self.rate, allowed, tokens, "memory")
+        with self._lock:
+            self.counts["allowed" if decision.allowed else "limited"] += 1
+            if self._redis is not None and decision.backend == "memory":
+                self.counts["fallback"] += 1
+        return decision
+
+    def describe(self) -> dict[str, Any]:
+        """The limit, where buckets live, breaker state and counters, for health."""
+        with self._lock:
+            counts = dict(self.counts)
+        return {
+            "limit": str(self.rate),
+            "backend": "memory" if self._redis is None else "redis",
+            "state": self.breaker.state if self.breaker is not None else "closed",
+            **counts,
+        }
+
+    def _failed(self, exc: Exception) -> None:
+        opened = self.breaker.failure() if self.breaker is not None else False
+        now = time.monotonic()
+        with self._lock:
+            if not opened and now - self._last_warning < self._warn_interval:
+                return
+            self._last_warning = now
+        log.warning(
+            "rate limiter: Redis failed (%s); deciding in this process%s",
+            exc,
+            " until a background probe finds Redis back" if opened else "",
+        )
+
+
+def from_settings(settings: Settings, *, function: str) -> RateLimiter | None:
+    """``None`` when ``RATE_LIMIT`` is unset; Redis buckets when the cache has Redis.
+
+    Nothing here touches the network (redis-py connects on first use).
+
+    Raises:
+        ConfigError: ``REDIS_CA_CERT`` names a file that does not exist.
+    """
+    rate: Rate | None = settings.rate_limit
+    if rate is None:
+        return None
+    if not (settings.redis_url or settings.redis_host):
+        return RateLimiter(rate, function=function)
+    from aifn.cache import CircuitBreaker, redis_client
+
+    redis = RedisBuckets(redis_client(settings), rate)
+    breaker = CircuitBreaker(threshold=3, cooldown=settings.redis_probe_seconds, probe=redis.ping)
+    return RateLimiter(rate, function=function, redis=redis, breaker=breaker)

@@ -1,0 +1,229 @@
+"""API-key mode and the identity rate limits count by: unit checks, then a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import flask
+import pytest
+from werkzeug.test import EnvironBuilder
+
+from aifn.auth import ApiKeys, Guard, client_address, iam_caller, key_id
+from aifn.errors import ConfigError, RateLimited, Unauthorized
+from aifn.ratelimit import Rate, RateLimiter
+from aifn.settings import Settings
+
+from .test_server_process import Server, start_server
+
+ENDPOINT = "/v1/analyze/sentiment"
+OLD_KEY = "old-key-5f1c2e9a7b3d4c6e8f0a1b2c"
+NEW_KEY = "new-key-9d8c7b6a5f4e3d2c1b0a9f8e"
+TEAM_KEY = "team-key-0123456789abcdef0123"
+WRONG_KEY = "wrong-key-aaaaaaaaaaaaaaaaaaaa"
+
+
+def request(headers: dict[str, str] | None = None, remote: str = "10.1.2.3") -> flask.Request:
+    environ = EnvironBuilder(
+        path=ENDPOINT, method="POST", headers=headers or {}, environ_base={"REMOTE_ADDR": remote}
+    ).get_environ()
+    return flask.Request(environ)
+
+
+def id_token(claims: dict[str, str]) -> str:
+    """An ID token as Cloud Run hands it to the container: its signature removed."""
+
+    def part(obj: dict[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.SIGNATURE_REMOVED_BY_GOOGLE"
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+def test_either_live_key_matches_by_its_id() -> None:
+    keys = ApiKeys([OLD_KEY, NEW_KEY])
+    assert keys.match(OLD_KEY) == key_id(OLD_KEY)
+    assert keys.match(NEW_KEY) == key_id(NEW_KEY)
+    assert key_id(OLD_KEY) != key_id(NEW_KEY)
+    for bad in (None, "", WRONG_KEY, OLD_KEY[:-1], OLD_KEY + "x", OLD_KEY.upper()):
+        assert keys.match(bad) is None
+
+
+def test_api_keys_setting_is_secret_and_checked() -> None:
+    s = Settings.from_env(
+        default_model_dir=Path("/m"), environ={"API_KEYS": f" {OLD_KEY} , {NEW_KEY},"}
+    )
+    assert s.api_keys == (OLD_KEY, NEW_KEY)
+    assert OLD_KEY not in repr(s)
+    short = "tooshort"
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(default_model_dir=Path("/m"), environ={"API_KEYS": f"{OLD_KEY},{short}"})
+    assert "API_KEYS=(not shown)" in str(raised.value)
+    assert short not in str(raised.value)
+    assert OLD_KEY not in str(raised.value)
+
+
+def test_guard_refuses_missing_and_wrong_keys() -> None:
+    guard = Guard(api_keys=ApiKeys([OLD_KEY]))
+    with pytest.raises(Unauthorized, match="missing") as missing:
+        guard.check(request())
+    assert missing.value.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
+    with pytest.raises(Unauthorized, match="not a current key"):
+        guard.check(request({"X-API-Key": WRONG_KEY}))
+    # An ID token in Authorization is not an API key.
+    with pytest.raises(Unauthorized):
+        guard.check(request({"Authorization": f"Bearer {OLD_KEY}"}))
+    assert guard.check(request({"X-API-Key": OLD_KEY})) == {}
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("xff", "hops", "expected"),
+    [
+        ("203.0.113.5", 1, "203.0.113.5"),  # what Cloud Run sends
+        ("6.6.6.6, 203.0.113.5", 1, "203.0.113.5"),  # a forged entry on the left is ignored
+        ("6.6.6.6, 203.0.113.5, 130.211.0.1", 2, "203.0.113.5"),  # behind a load balancer
+        ("203.0.113.5", 2, "203.0.113.5"),  # fewer entries than hops: the leftmost
+        ("203.0.113.5", 0, "10.1.2.3"),  # 0: the TCP peer
+        (None, 1, "10.1.2.3"),
+        ("2001:db8:1:2:3:4:5:6", 1, "2001:db8:1:2::/64"),  # IPv6 per /64
+        ("::ffff:203.0.113.5", 1, "203.0.113.5"),
+        ("not-an-ip", 1, "not-an-ip"),
+    ],
+)
+def test_client_address(xff: str | None, hops: int, expected: str) -> None:
+    headers = {"X-Forwarded-For": xff} if xff else {}
+    assert client_address(request(headers), hops) == expected
+
+
+def test_iam_caller_is_read_only_when_iam_is_required() -> None:
+    token = id_token({"email": "backend@proj.iam.gserviceaccount.com", "sub": "1234"})
+    req = request({"Authorization": f"Bearer {token}", "X-Forwarded-For": "203.0.113.5"})
+    assert iam_caller(req) == "backend@proj.iam.gserviceaccount.com"
+    assert Guard(iam_required=True).identity(req) == "iam:backend@proj.iam.gserviceaccount.com"
+    # Without IAM in front, anyone can write that header: the address counts instead.
+    assert Guard(iam_required=False).identity(req) == "addr:203.0.113.5"
+    # An API key, when the mode is on, wins over both.
+    assert Guard(iam_required=True).identity(req, key="abc") == "key:abc"
+
+
+def test_iam_caller_prefers_the_header_cloud_run_checked() -> None:
+    checked = id_token({"sub": "107"})
+    unchecked = id_token({"email": "someone-else@example.com"})
+    req = request(
+        {"X-Serverless-Authorization": f"Bearer {checked}", "Authorization": f"Bearer {unchecked}"}
+    )
+    assert iam_caller(req) == "107"
+
+
+@pytest.mark.parametrize(
+    "header", ["Bearer not-a-jwt", "Basic dXNlcjpwdw==", "Bearer a.!!!.c", "Bearer a.bnVsbA.c", ""]
+)
+def test_a_malformed_token_falls_back_to_the_address(header: str) -> None:
+    req = request({"Authorization": header, "X-Forwarded-For": "203.0.113.5"})
+    assert iam_caller(req) is None
+    assert Guard(iam_required=True).identity(req) == "addr:203.0.113.5"
+
+
+def test_limited_by_key_not_by_address() -> None:
+    guard = Guard(api_keys=ApiKeys([OLD_KEY]), limiter=RateLimiter(Rate(2, 60), function="t"))
+    headers = [{"X-API-Key": OLD_KEY, "X-Forwarded-For": f"203.0.113.{i}"} for i in range(3)]
+    assert guard.check(request(headers[0]))["RateLimit-Remaining"] == "1"
+    assert guard.check(request(headers[1]))["RateLimit-Remaining"] == "0"
+    with pytest.raises(RateLimited) as refused:
+        guard.check(request(headers[2]))
+    assert refused.value.headers["Retry-After"] == "30"
+
+
+# --- a real server in API-key mode ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(sentiment_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(
+        sentiment_model_dir,
+        tmp_path_factory.mktemp("auth"),
+        API_KEYS=f"{OLD_KEY},{NEW_KEY},{TEAM_KEY}",
+        RATE_LIMIT="3/minute",
+        LOG_LEVEL="DEBUG",  # log as much as the service ever does
+        LOG_REQUEST_TEXT="true",
+    )
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=15)
+
+
+@pytest.mark.integration
+def test_without_a_current_key_401_before_the_body_is_read(server: Server) -> None:
+    for headers in ({}, {"X-API-Key": WRONG_KEY}):
+        status, body, response_headers = server.request(
+            "POST", ENDPOINT, "not an object", headers=headers
+        )
+        assert status == 401
+        assert body["error"] == {
+            "type": "unauthorized",
+            "message": body["error"]["message"],
+            "status": 401,
+        }
+        assert response_headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
+
+
+@pytest.mark.integration
+def test_both_live_keys_work_during_a_rotation(server: Server) -> None:
+    for key in (OLD_KEY, NEW_KEY):
+        status, body, headers = server.request(
+            "POST", ENDPOINT, {"text": "Works well."}, headers={"X-API-Key": key}
+        )
+        assert status == 200
+        assert body["results"][0]["label"] in {"NEGATIVE", "NEUTRAL", "POSITIVE"}
+        assert headers["RateLimit-Limit"] == "3"
+
+
+@pytest.mark.integration
+def test_one_key_is_one_budget_whatever_the_address(server: Server) -> None:
+    statuses = [
+        server.request(
+            "POST",
+            ENDPOINT,
+            {"text": "Fine."},
+            headers={"X-API-Key": TEAM_KEY, "X-Forwarded-For": f"203.0.113.{i}"},
+        )[0]
+        for i in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]
+
+
+@pytest.mark.integration
+def test_health_and_openapi_need_no_key_and_the_document_lists_401(server: Server) -> None:
+    for _ in range(5):
+        assert server.request("GET", "/v1/health")[0] == 200
+    status, doc, _ = server.request("GET", "/openapi.json")
+    assert status == 200
+    responses = doc["paths"][ENDPOINT]["post"]["responses"]
+    assert "`unauthorized`" in responses["401"]["description"]
+    assert "`rate_limited`" in responses["429"]["description"]
+    assert "401" not in doc["paths"]["/v1/health"]["get"]["responses"]
+
+
+@pytest.mark.integration
+def test_keys_never_reach_the_log(server: Server) -> None:
+    server.request("POST", ENDPOINT, {"text": "Logged?"}, headers={"X-API-Key": OLD_KEY})
+    server.request("POST", ENDPOINT, {"text": "Logged?"}, headers={"X-API-Key": WRONG_KEY})
+    log = server.log_path.read_text(encoding="utf-8")
+    for secret in (OLD_KEY, NEW_KEY, TEAM_KEY, WRONG_KEY):
+        assert secret not in log
+    assert "X-API-Key" not in log  # nor the header itself
+    # The request log names the accepted key by its id, which is what rotation needs.
+    lines = server.log_lines()
+    ids = {line.get("api_key_id") for line in lines if line.get("httpRequest")}
+    assert key_id(OLD_KEY) in ids
+    requests = [line for line in lines if line.get("httpRequest")]
+    assert any(line["httpRequest"]["status"] == 401 for line in requests)
+    assert "Logged?" in log  # LOG_REQUEST_TEXT is on, so this log is as full as it gets
