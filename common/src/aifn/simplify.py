@@ -21,57 +21,60 @@ from typing import Any
 
 
 def simplify(model: Any) -> list[str]:
-    """Replace trivial float linear layers of ``model`` in place; returns the names replaced."""
+    """Give trivial float linear layers of ``model`` their shortcut; returns the names changed.
+
+    Each module changed keeps its parameters, its name and its place (only its class changes,
+    to a subclass that computes the shortcut), so ``state_dict``, ``named_modules`` and
+    :mod:`aifn.quantize`'s checks see the model as before.
+    """
     import torch
 
-    class _Zeros(torch.nn.Module):
-        """What a linear layer with all-zero weight and bias computes: zeros."""
-
-        def __init__(self, out_features: int) -> None:
-            super().__init__()
-            self.out_features = out_features
+    class ZeroLinear(torch.nn.Linear):
+        """A linear layer with all-zero weight and bias: its output is zeros."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.new_zeros(*x.shape[:-1], self.out_features)
 
-    class _Scale(torch.nn.Module):
-        """What a linear layer with weight ``c * I`` and zero bias computes: ``c * x``."""
+    class ScaleLinear(torch.nn.Linear):
+        """A linear layer with weight ``factor * I`` and zero bias: its output is ``factor * x``."""
 
-        def __init__(self, factor: float) -> None:
-            super().__init__()
-            self.factor = factor
+        factor: float
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x if self.factor == 1.0 else x * self.factor
 
-    class _Unused(torch.nn.Module):
-        """A block whose output only feeds a layer that ignores it: pass the input through."""
+    class Skipped(torch.nn.Module):
+        """A block whose output only feeds a :class:`ZeroLinear`, which ignores it."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x
 
-    def trivial(linear: torch.nn.Module) -> torch.nn.Module | None:
-        if type(linear) is not torch.nn.Linear:  # quantized or custom: leave alone
-            return None
+    def shortcut(linear: torch.nn.Module) -> bool:
+        if type(linear) is not torch.nn.Linear:  # quantized, custom or done already
+            return False
         weight, bias = linear.weight, linear.bias
         if bias is not None and bias.any():
-            return None
+            return False
         if not weight.any():
-            return _Zeros(linear.out_features)
+            linear.__class__ = ZeroLinear
+            return True
         if weight.shape[0] == weight.shape[1]:
             factor = weight[0, 0].item()
             if torch.equal(weight, torch.eye(weight.shape[0], dtype=weight.dtype) * factor):
-                return _Scale(factor)
-        return None
+                scaled: Any = linear
+                scaled.__class__ = ScaleLinear
+                scaled.factor = factor
+                return True
+        return False
 
-    replaced: list[str] = []
+    changed: list[str] = []
     with torch.no_grad():
         for name, layer in list(model.named_modules()):
             inner: Any = getattr(getattr(layer, "attention", None), "self", None)
             query, key = getattr(inner, "query", None), getattr(inner, "key", None)
             # Only mean-pooling layers (zero queries and keys): never a trained layer whose
             # weights happen to be sparse.
-            if not (isinstance(query, torch.nn.Linear) and isinstance(key, torch.nn.Linear)):
+            if type(query) is not torch.nn.Linear or type(key) is not torch.nn.Linear:
                 continue
             if query.weight.any() or key.weight.any():
                 continue
@@ -83,13 +86,9 @@ def simplify(model: Any) -> list[str]:
                 "output.dense": layer.output.dense,
             }
             for path, linear in targets.items():
-                shortcut = trivial(linear)
-                if shortcut is None:
-                    continue
-                parent, _, attr = f"{name}.{path}".rpartition(".")
-                setattr(model.get_submodule(parent), attr, shortcut)
-                replaced.append(f"{name}.{path}")
-                if path == "output.dense" and isinstance(shortcut, _Zeros):
-                    layer.intermediate = _Unused()
-                    replaced.append(f"{name}.intermediate")
-    return replaced
+                if shortcut(linear):
+                    changed.append(f"{name}.{path}")
+            if isinstance(layer.output.dense, ZeroLinear):
+                layer.intermediate.__class__ = Skipped
+                changed.append(f"{name}.intermediate")
+    return changed
