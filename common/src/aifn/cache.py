@@ -153,12 +153,19 @@ class CircuitBreaker:
     """Closed until ``threshold`` consecutive failures; then open until a probe succeeds.
 
     While open, requests skip the backend entirely. The probe runs in a background thread every
-    ``cooldown`` seconds, so no request ever waits on a backend that is down.
+    ``cooldown`` seconds, so no request ever waits on a backend that is down. ``name`` says whose
+    backend it is in logs and thread names.
     """
 
     def __init__(
-        self, *, threshold: int, cooldown: float, probe: Callable[[], None] | None
+        self,
+        *,
+        threshold: int,
+        cooldown: float,
+        probe: Callable[[], None] | None,
+        name: str = "cache",
     ) -> None:
+        self.name = name
         self._threshold = threshold
         self._cooldown = cooldown
         self._probe = probe
@@ -186,7 +193,9 @@ class CircuitBreaker:
                 return False
             self._open = True
             self.opened += 1
-        threading.Thread(target=self._probe_until_closed, name="cache-probe", daemon=True).start()
+        threading.Thread(
+            target=self._probe_until_closed, name=f"{self.name}-probe", daemon=True
+        ).start()
         return True
 
     def _probe_until_closed(self) -> None:
@@ -196,12 +205,12 @@ class CircuitBreaker:
                 if self._probe is not None:
                     self._probe()
             except Exception as exc:  # any failure means "still down"
-                log.debug("cache backend still unavailable: %s", exc)
+                log.debug("%s backend still unavailable: %s", self.name, exc)
                 continue
             with self._lock:
                 self._open = False
                 self._failures = 0
-            log.warning("cache backend is reachable again; using it")
+            log.warning("%s backend is reachable again; using it", self.name)
             return
 
 

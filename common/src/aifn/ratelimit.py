@@ -314,5 +314,7 @@ def from_settings(settings: Settings, *, function: str) -> RateLimiter | None:
     from aifn.cache import CircuitBreaker, redis_client
 
     redis = RedisBuckets(redis_client(settings), rate)
-    breaker = CircuitBreaker(threshold=3, cooldown=settings.redis_probe_seconds, probe=redis.ping)
+    breaker = CircuitBreaker(
+        threshold=3, cooldown=settings.redis_probe_seconds, probe=redis.ping, name="rate-limit"
+    )
     return RateLimiter(rate, function=function, redis=redis, breaker=breaker)
