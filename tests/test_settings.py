@@ -43,6 +43,7 @@ def test_every_variable_is_read() -> None:
         "MODEL_WORKERS": "2",
         "THREADS": "24",
         "QUANTIZE": "OFF",
+        "MODEL_RUNTIME": "Transformers",
         "LOG_LEVEL": "debug",
         "LOG_REQUEST_TEXT": "true",
         "GOOGLE_CLOUD_PROJECT": "my-proj",
@@ -75,6 +76,7 @@ def test_every_variable_is_read() -> None:
         model_workers=2,
         threads=24,
         quantize="off",
+        model_runtime="transformers",
         log_level="DEBUG",
         log_request_text=True,
         google_cloud_project="my-proj",
@@ -115,6 +117,7 @@ def test_empty_values_mean_default() -> None:
         ("MODEL_WORKERS", "0"),
         ("THREADS", "0"),
         ("QUANTIZE", "int4"),
+        ("MODEL_RUNTIME", "onnx"),
     ],
 )
 def test_invalid_values_name_the_variable(var: str, value: str) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from aifn import quantize as quantization
 from aifn.errors import ConfigError
@@ -226,13 +226,62 @@ def model_name(path: Path, config: dict[str, Any]) -> str:
     return path.resolve().name
 
 
+class _Tokenizer(Protocol):
+    def model_inputs(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
+        """Model inputs for ``texts`` (padded to the longest) and whether each was truncated."""
+        ...
+
+
+class _TransformersTokenizer:
+    """A transformers tokenizer, truncating at ``max_tokens``.
+
+    It is not safe to call from several threads at once (truncation and padding settings live
+    in shared Rust state: "Already borrowed"), so calls run under a lock.
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self._tokenizer = tokenizer
+        self._max_tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def model_inputs(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
+        with self._lock:
+            enc = self._tokenizer(
+                texts,
+                truncation=True,
+                max_length=self._max_tokens,
+                return_overflowing_tokens=True,
+                padding=True,
+                return_tensors="pt",
+            )
+        # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
+        # only each text's first row is kept.
+        mapping = enc.pop("overflow_to_sample_mapping").tolist()
+        first_rows: list[int] = []
+        truncated = [False] * len(texts)
+        seen: set[int] = set()
+        for row, sample in enumerate(mapping):
+            if sample in seen:
+                truncated[sample] = True
+            else:
+                seen.add(sample)
+                first_rows.append(row)
+        inputs = {k: v[first_rows] for k, v in enc.items()}
+        if self._tokenizer.padding_side == "right":
+            # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
+            width = int(inputs["attention_mask"].sum(dim=1).max())
+            inputs = {k: v[:, :width] for k, v in inputs.items()}
+        return inputs, truncated
+
+
 class _TransformerModel:
-    """A Hugging Face model and its tokenizer.
+    """A BERT-family model and its tokenizer.
+
+    BERT models with a ``tokenizer.json`` run on :mod:`aifn.bert` (plain torch, no transformers
+    import: a faster cold start); any other model runs on transformers' classes.
 
     Forward passes may run from several threads at once (the batcher's workers, each with its
-    own torch threads: see :meth:`use_threads`). The fast tokenizer is not safe to call from
-    several threads at once (truncation and padding settings live in shared Rust state:
-    "Already borrowed"), so tokenization runs under a lock.
+    own torch threads: see :meth:`use_threads`).
     """
 
     kind: ClassVar[str]
@@ -247,13 +296,21 @@ class _TransformerModel:
         *,
         max_tokens: int,
         batch_size: int,
+        runtime: str = "transformers",
     ) -> None:
+        """``model`` and ``tokenizer``: transformers' (training's) or :mod:`aifn.bert`'s."""
         self._model = model
-        self._tokenizer = tokenizer
+        # A transformers tokenizer is wrapped; this package's tokenizers have model_inputs.
+        self._tokenizer: _Tokenizer = (
+            tokenizer
+            if hasattr(tokenizer, "model_inputs")
+            else _TransformersTokenizer(tokenizer, max_tokens)
+        )
         self.identity = identity
         self.max_tokens = max_tokens
         self.batch_size = batch_size
-        self._lock = threading.Lock()
+        # What runs the model: "aifn.bert" or "transformers".
+        self.runtime = runtime
         self.ready = False
 
     @property
@@ -287,6 +344,7 @@ class _TransformerModel:
             self.identity,
             max_tokens=self.max_tokens,
             batch_size=self.batch_size,
+            runtime=self.runtime,
         )
 
     @staticmethod
@@ -294,39 +352,30 @@ class _TransformerModel:
         raise NotImplementedError
 
     @classmethod
-    def load(
-        cls,
-        path: Path,
-        *,
-        max_tokens: int,
-        batch_size: int,
-        threads: int,
-        quantize: str = quantization.OFF,
-    ) -> Self:
-        """Load the model in ``path`` (offline), quantize it as ``quantize`` says, warm it up.
+    def _load_plain(cls, path: Path, config: dict[str, Any], limit: int) -> tuple[Any, _Tokenizer]:
+        """The model and tokenizer on :mod:`aifn.bert`."""
+        from aifn import bert
 
-        ``quantize`` is ``QUANTIZE``'s value (:mod:`aifn.quantize`): ``auto`` applies the int8
-        plan recorded when the model was built, if any.
+        try:
+            tokenizer = bert.Tokenizer(path, limit)
+        except Exception as exc:
+            raise ConfigError(f"could not load the tokenizer in {path}: {_one_line(exc)}") from exc
+        try:
+            model, info = bert.load(path, config, classifier=cls.kind == CLASSIFIER)
+        except Exception as exc:
+            weights = path / "model.safetensors"
+            raise ConfigError(f"could not load the weights {weights}: {_one_line(exc)}") from exc
+        check_weights(path, info, unused=cls.unused_weights)
+        return model, tokenizer
 
-        Raises:
-            ConfigError: The directory is missing, not usable, or not of this class's kind.
-        """
+    @classmethod
+    def _load_transformers(cls, path: Path) -> tuple[Any, Any]:
+        """The model and tokenizer on transformers' classes (any architecture it knows)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        config = check_model_dir(path)
-        if model_kind(config) != cls.kind:
-            raise ConfigError(
-                f"{path} holds an {model_kind(config)} model, but this needs a {cls.kind}"
-                if model_kind(config) == ENCODER
-                else f"{path} holds a classifier model, but this needs an encoder"
-            )
-        started = time.perf_counter()
-
-        import torch
         from transformers import AutoTokenizer
         from transformers import logging as hf_logging
 
-        torch.set_num_threads(threads)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         # The libraries raise many types for one cause, a bad file: each becomes one clear line.
@@ -348,21 +397,65 @@ class _TransformerModel:
         except Exception as exc:
             raise ConfigError(f"could not load the weights {weights}: {_one_line(exc)}") from exc
         check_weights(path, info, unused=cls.unused_weights)
-        model.eval()
+        return model.eval(), tokenizer
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        max_tokens: int,
+        batch_size: int,
+        threads: int,
+        quantize: str = quantization.OFF,
+        runtime: str = "auto",
+    ) -> Self:
+        """Load the model in ``path`` (offline), quantize it as ``quantize`` says, warm it up.
+
+        ``quantize`` is ``QUANTIZE``'s value (:mod:`aifn.quantize`): ``auto`` applies the int8
+        plan recorded when the model was built, if any. ``runtime``: ``auto`` runs the model on
+        :mod:`aifn.bert` when it can, ``transformers`` always on transformers' classes.
+
+        Raises:
+            ConfigError: The directory is missing, not usable, or not of this class's kind.
+        """
+        config = check_model_dir(path)
+        if model_kind(config) != cls.kind:
+            raise ConfigError(
+                f"{path} holds an {model_kind(config)} model, but this needs a {cls.kind}"
+                if model_kind(config) == ENCODER
+                else f"{path} holds a classifier model, but this needs an encoder"
+            )
+        started = time.perf_counter()
+
+        import torch
+
+        from aifn import bert
+
+        torch.set_num_threads(threads)
+        limit = min(
+            max_tokens,
+            config.get("max_position_embeddings") or max_tokens,
+            bert.model_max_length(path) or max_tokens,
+        )
+        why_not = bert.unsupported(config, path, classifier=cls.kind == CLASSIFIER)
+        if runtime == "transformers" or why_not:
+            model, tokenizer = cls._load_transformers(path)
+            runtime = "transformers"
+        else:
+            model, tokenizer = cls._load_plain(path, config, limit)
+            runtime = "aifn.bert"
         plan = quantization.resolve(quantize, path)
         if plan:
             quantization.apply(model, plan)
         # Exact: the frozen mean-pooling layer's constant matrices become what they compute.
         shortcuts = simplify(model)
-        limit = min(
-            max_tokens,
-            getattr(model.config, "max_position_embeddings", max_tokens),
-            getattr(tokenizer, "model_max_length", max_tokens) or max_tokens,
-        )
         # A quantized model's scores differ slightly: it is its own revision (and cache space).
         revision = content_hash(path) + (f"+{plan}" if plan else "")
         identity = ModelIdentity(model_name(path, config), revision)
-        loaded = cls(model, tokenizer, identity, max_tokens=limit, batch_size=batch_size)
+        loaded = cls(
+            model, tokenizer, identity, max_tokens=limit, batch_size=batch_size, runtime=runtime
+        )
         loaded.warm_up()
         log.info(
             "model loaded",
@@ -375,6 +468,8 @@ class _TransformerModel:
                     "torch_threads": threads,
                     "max_tokens": limit,
                     "quantization": plan or "float32",
+                    "runtime": runtime,
+                    "runtime_reason": why_not,
                     "shortcut_layers": len(shortcuts),
                 }
             },
@@ -393,8 +488,7 @@ class _TransformerModel:
         outputs: list[Any] = [None] * len(texts)
         truncated = [False] * len(texts)
         for idx in length_groups([len(t) for t in texts], self.batch_size):
-            with self._lock:
-                inputs, cut = self._tokenize([texts[i] for i in idx])
+            inputs, cut = self._tokenizer.model_inputs([texts[i] for i in idx])
             rows = forward(inputs)
             for pos, i in enumerate(idx):
                 outputs[i] = rows[pos]
@@ -403,35 +497,6 @@ class _TransformerModel:
 
     def _forward(self, inputs: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
-
-    def _tokenize(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
-        """Tokenize one chunk, truncating to ``max_tokens``; the caller holds the lock."""
-        enc = self._tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_overflowing_tokens=True,
-            padding=True,
-            return_tensors="pt",
-        )
-        # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
-        # only each text's first row is kept.
-        mapping = enc.pop("overflow_to_sample_mapping").tolist()
-        first_rows: list[int] = []
-        truncated = [False] * len(texts)
-        seen: set[int] = set()
-        for row, sample in enumerate(mapping):
-            if sample in seen:
-                truncated[sample] = True
-            else:
-                seen.add(sample)
-                first_rows.append(row)
-        inputs = {k: v[first_rows] for k, v in enc.items()}
-        if self._tokenizer.padding_side == "right":
-            # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
-            width = int(inputs["attention_mask"].sum(dim=1).max())
-            inputs = {k: v[:, :width] for k, v in inputs.items()}
-        return inputs, truncated
 
 
 class TextClassifier(_TransformerModel):
@@ -553,6 +618,7 @@ def load_model(
     threads: int,
     kinds: Sequence[str],
     quantize: str = quantization.OFF,
+    runtime: str = "auto",
 ) -> TextClassifier | TextEncoder:
     """Load whichever kind of model ``path`` holds, if it is one of ``kinds``.
 
@@ -567,5 +633,10 @@ def load_model(
         )
     cls: type[TextClassifier | TextEncoder] = TextClassifier if kind == CLASSIFIER else TextEncoder
     return cls.load(
-        path, max_tokens=max_tokens, batch_size=batch_size, threads=threads, quantize=quantize
+        path,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        threads=threads,
+        quantize=quantize,
+        runtime=runtime,
     )

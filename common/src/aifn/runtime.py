@@ -69,6 +69,7 @@ def start(
             # Loading and warm-up run here, alone: on every CPU the workers will share.
             threads=settings.model_workers * settings.torch_threads,
             quantize=settings.quantize,
+            runtime=settings.model_runtime,
         )
     except ConfigError as exc:
         log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})
