@@ -6,6 +6,7 @@ opens the port; so a function either serves a warmed-up model or exits with a cl
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -105,4 +106,18 @@ def start(
     )
     if flask.has_app_context():
         service.attach(flask.current_app)
+    _freeze_startup_objects()
     return service
+
+
+def _freeze_startup_objects() -> None:
+    """Take everything start-up made out of the cyclic garbage collector's full passes.
+
+    The model, torch, flask and the rest live as long as the process, yet each full (oldest
+    generation) collection walked all of them: measured under load at 32 connections, 93-121 ms
+    with the GIL held, twice in 18 s, stalling every request in flight (about 2% of them, right
+    at p99). Frozen, they are never scanned; what requests allocate is collected as before.
+    Before gunicorn forks, this also keeps the worker from touching (and copying) their pages.
+    """
+    gc.collect()
+    gc.freeze()
