@@ -1,4 +1,5 @@
-"""What the benchmarks share: free ports, and starting a function the way `make serve` does."""
+"""What the benchmarks (and the process tests) share: free ports, starting a function the way
+`make serve` does, and finding a server's processes."""
 
 from __future__ import annotations
 
@@ -44,14 +45,41 @@ def start_function(function: str, port: int, env: dict[str, str]) -> subprocess.
         **env,
     }
     return subprocess.Popen(
-        [
-            str(BIN / "functions-framework"),
-            f"--target={function}",
-            f"--source={REPO / 'functions' / function / 'main.py'}",
-            f"--port={port}",
-            "--host=127.0.0.1",
-        ],
+        function_command(function, port),
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def function_command(function: str, port: int) -> list[str]:
+    """The command line serving ``function`` on loopback ``port``: functions-framework's gunicorn,
+    as ``make serve`` and the containers run it (``MODEL_DIR`` and the rest come from the
+    environment)."""
+    return [
+        str(BIN / "functions-framework"),
+        f"--target={function}",
+        f"--source={REPO / 'functions' / function / 'main.py'}",
+        f"--port={port}",
+        "--host=127.0.0.1",
+    ]
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants' pids (from /proc), e.g. gunicorn's master and worker."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found

@@ -38,30 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import BIN, REPO, free_port, start_function
+from benchlib import BIN, REPO, free_port, process_tree, start_function
 
 HERE = Path(__file__).resolve().parent
 _SEQ = itertools.count()
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def memory_mb(root: int, pids: list[int] | None = None) -> float:
@@ -71,7 +51,7 @@ def memory_mb(root: int, pids: list[int] | None = None) -> float:
     pages they share would count twice in a sum of RSS. ``pids``: the tree, if already known.
     """
     total = 0
-    for pid in pids if pids is not None else _tree(root):
+    for pid in pids if pids is not None else process_tree(root):
         try:
             with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
                 for line in f:
@@ -100,7 +80,7 @@ class PeakMemory:
         pids: list[int] = []
         while not self._stop.is_set():
             if time.monotonic() - listed > 2.0:
-                pids, listed = _tree(self.pid), time.monotonic()
+                pids, listed = process_tree(self.pid), time.monotonic()
             self.peak = max(self.peak, memory_mb(self.pid, pids))
             self._stop.wait(0.2)
 

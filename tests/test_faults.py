@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchlib import function_command, process_tree
 
-from .conftest import REPO, VENV_BIN, RedisServer, free_port
+from .conftest import REPO, RedisServer, free_port
 from .test_server_process import Server, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,26 +111,6 @@ def report(name: str, **figures: Any) -> None:
     print(f"\nfigures {name}: {json.dumps(figures)}")
 
 
-def tree(root: int) -> list[int]:
-    """``root`` and its descendants' pids, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
 def _proc_field(pid: int, file: str, name: str) -> int:
     try:
         text = Path(f"/proc/{pid}/{file}").read_text()
@@ -144,11 +125,11 @@ def tree_pss_bytes(root: int) -> int:
     PSS divides each shared page among the processes mapping it, so the model's weights, loaded
     in gunicorn's master and shared with the forked worker, count once.
     """
-    return sum(1024 * _proc_field(pid, "smaps_rollup", "Pss:") for pid in tree(root))
+    return sum(1024 * _proc_field(pid, "smaps_rollup", "Pss:") for pid in process_tree(root))
 
 
 def tree_threads(root: int) -> int:
-    return sum(_proc_field(pid, "status", "Threads:") for pid in tree(root))
+    return sum(_proc_field(pid, "status", "Threads:") for pid in process_tree(root))
 
 
 # -- Redis killed and restarted ---------------------------------------------------------------
@@ -378,13 +359,7 @@ def _start_once(function: str, model_dir: Path, expected: str, logs: Path) -> St
     started = time.monotonic()
     with (logs / "stdout").open("wb") as stdout, (logs / "stderr").open("wb") as stderr:
         proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "functions-framework"),
-                f"--target={function}",
-                f"--source={REPO / 'functions' / function / 'main.py'}",
-                f"--port={port}",
-                "--host=127.0.0.1",
-            ],
+            function_command(function, port),
             env={**os.environ, "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1"},
             stdout=stdout,
             stderr=stderr,

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchlib import function_command
 
-from .conftest import REPO, VENV_BIN, free_port, wait_for_port
+from .conftest import REPO, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +69,7 @@ def start_server(model_dir: Path, tmp: Path, *, function: str = "sentiment", **e
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "functions-framework"),
-                f"--target={function}",
-                f"--source={REPO / 'functions' / function / 'main.py'}",
-                f"--port={port}",
-                "--host=127.0.0.1",
-            ],
+            function_command(function, port),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=environ,
@@ -216,14 +211,8 @@ def test_sigterm_finishes_in_flight_work_and_exits(
 
 
 def test_a_missing_model_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
-    port = free_port()
     result = subprocess.run(
-        [
-            str(VENV_BIN / "functions-framework"),
-            "--target=sentiment",
-            f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
-            f"--port={port}",
-        ],
+        function_command("sentiment", free_port()),
         env={**os.environ, "MODEL_DIR": str(tmp_path / "nothing-here")},
         capture_output=True,
         text=True,
@@ -237,11 +226,7 @@ def test_a_missing_model_stops_startup_with_a_clear_error(tmp_path: Path) -> Non
 
 def test_an_invalid_setting_stops_startup(sentiment_model_dir: Path) -> None:
     result = subprocess.run(
-        [
-            str(VENV_BIN / "functions-framework"),
-            "--target=sentiment",
-            f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
-        ],
+        function_command("sentiment", free_port()),
         env={**os.environ, "MODEL_DIR": str(sentiment_model_dir), "MAX_BATCH_TEXTS": "zero"},
         capture_output=True,
         text=True,
@@ -254,12 +239,7 @@ def test_an_invalid_setting_stops_startup(sentiment_model_dir: Path) -> None:
 
 def _start_fails(target: str, env: dict[str, str]) -> str:
     result = subprocess.run(
-        [
-            str(VENV_BIN / "functions-framework"),
-            f"--target={target}",
-            f"--source={REPO / 'functions' / target / 'main.py'}",
-            f"--port={free_port()}",
-        ],
+        function_command(target, free_port()),
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -331,13 +331,18 @@ class Tokenizer:
         return inputs, [bool(e.overflowing) for e in encodings]
 
 
-def _pad_token(path: Path) -> str:
-    """The padding token ``tokenizer_config.json`` names, else BERT's."""
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    """``tokenizer_config.json``, or nothing if there is none (or it is not a JSON object)."""
     try:
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "[PAD]"
-    pad = config.get("pad_token") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _pad_token(path: Path) -> str:
+    """The padding token ``tokenizer_config.json`` names, else BERT's."""
+    pad = _tokenizer_config(path).get("pad_token")
     if isinstance(pad, dict):  # an AddedToken written out
         pad = pad.get("content")
     return pad if isinstance(pad, str) and pad else "[PAD]"
@@ -345,9 +350,5 @@ def _pad_token(path: Path) -> str:
 
 def model_max_length(path: Path) -> int | None:
     """The longest input ``tokenizer_config.json`` allows, if it says."""
-    try:
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = config.get("model_max_length") if isinstance(config, dict) else None
+    value = _tokenizer_config(path).get("model_max_length")
     return value if isinstance(value, int) and value > 0 else None

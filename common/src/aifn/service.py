@@ -222,9 +222,10 @@ class Service:
             )
         )
         error: errors.ApiError | None = None
+        path = request.path.rstrip("/") or "/"
         try:
             try:
-                response = self._dispatch(request)
+                response = self._dispatch(request, path)
             except errors.ApiError as exc:
                 error = exc
                 response = self._error_response(exc)
@@ -238,7 +239,8 @@ class Service:
             self._log_request(request, response, seconds, error)
             if self.metrics is not None:
                 self.metrics.observe_request(
-                    route=self._route_label(request),
+                    # The registered path, or a fixed label: metrics labels stay bounded.
+                    route=path if path in self._routes else UNMATCHED,
                     method=request.method,
                     status=response.status_code,
                     seconds=seconds,
@@ -248,13 +250,8 @@ class Service:
         finally:
             logs.reset_trace(token)
 
-    def _route_label(self, request: flask.Request) -> str:
-        """The registered path a request was for, or ``unmatched``: a bounded metrics label."""
-        path = request.path.rstrip("/") or "/"
-        return path if path in self._routes else UNMATCHED
-
-    def _dispatch(self, request: flask.Request) -> flask.Response:
-        path = request.path.rstrip("/") or "/"
+    def _dispatch(self, request: flask.Request, path: str) -> flask.Response:
+        """Route ``request`` (its ``path`` without a trailing slash) and run its handler."""
         methods = self._routes.get(path)
         if methods is None:
             raise errors.NotFound(f"no endpoint at {request.path}; see GET /openapi.json")
@@ -269,13 +266,11 @@ class Service:
         # API key and rate limit first: a refused request costs no body read.
         limit_headers = self.guard.check(request) if method == "POST" else {}
         try:
-            body = (
-                read_json(request, max_bytes=self.settings.max_body_bytes)
-                if method == "POST"
-                else None
-            )
-            if method == "POST" and self.settings.log_request_text:
-                log.debug("request body", extra={"fields": {"body": body}})
+            body = None
+            if method == "POST":
+                body = read_json(request, max_bytes=self.settings.max_body_bytes)
+                if self.settings.log_request_text:
+                    log.debug("request body", extra={"fields": {"body": body}})
             result = route.handler(body)
             if not isinstance(result, flask.Response):
                 result = _json_response(result, 200)
