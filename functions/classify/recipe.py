@@ -65,6 +65,8 @@ def fingerprint() -> dict[str, Any]:
                 "zero_shot": here / "zero_shot.py",
                 "classify_settings": here / "classify_settings.py",
                 "model": Path(aifn_model.__file__),
+                # What runs the encoder when the figures are measured, as when it serves.
+                "bert": Path(aifn_model.__file__).with_name("bert.py"),
                 "quantize": Path(quantize.__file__),
             }.items()
         },

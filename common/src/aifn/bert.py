@@ -109,6 +109,40 @@ def _embedding(rows: int, width: int) -> nn.Embedding:
     return table
 
 
+class _Layout:
+    """Where a batch's real tokens sit among its padding.
+
+    Hidden states travel *packed*, ``(tokens, width)`` with the padding left out, so the linear
+    layers, layer norms and activations (nearly all the work) run on real tokens only; only
+    attention, which mixes the tokens of a text, sees them padded as ``(texts, length, width)``.
+    On texts of mixed lengths that skips the padding's share of the work (about a fifth of the
+    tokens in batches of 8 short reviews), and a text's int8 input scales no longer depend on
+    how much padding its batch-mates brought.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int) -> None:
+        self.batch, self.length = batch, length
+        self.index: torch.Tensor | None = None  # flat positions of the real tokens
+        self.mask: torch.Tensor | None = None  # attention's key mask, None without padding
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask.bool()
+            self.index = keep.flatten().nonzero().squeeze(1)
+            self.mask = keep[:, None, None, :]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(texts, length, width)`` -> ``(tokens, width)``."""
+        flat = x.reshape(self.batch * self.length, x.shape[-1])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(tokens, width)`` -> ``(texts, length, width)``, zeros where the padding is."""
+        if self.index is None:
+            return x.view(self.batch, self.length, x.shape[-1])
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        out.index_copy_(0, self.index, x)
+        return out.view(self.batch, self.length, x.shape[-1])
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -117,16 +151,17 @@ class _SelfAttention(nn.Module):
         self.key = nn.Linear(c.hidden_size, c.hidden_size)
         self.value = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, width = x.shape
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        width = x.shape[-1]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+            padded = layout.unpack(t).view(layout.batch, layout.length, self.heads, -1)
+            return padded.transpose(1, 2)
 
         out = functional.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=layout.mask
         )
-        return out.transpose(1, 2).reshape(batch, length, width)
+        return layout.pack(out.transpose(1, 2).reshape(layout.batch, layout.length, width))
 
 
 class _ResidualOutput(nn.Module):
@@ -148,8 +183,8 @@ class _Attention(nn.Module):
         self.self = _SelfAttention(c)
         self.output = _ResidualOutput(c, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        out: torch.Tensor = self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        out: torch.Tensor = self.output(self.self(x, layout), x)
         return out
 
 
@@ -169,8 +204,8 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(c)
         self.output = _ResidualOutput(c, c.intermediate_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        attended = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        attended = self.attention(x, layout)
         out: torch.Tensor = self.output(self.intermediate(attended), attended)
         return out
 
@@ -180,9 +215,9 @@ class _Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(_Layer(c) for _ in range(c.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask)
+            x = layer(x, layout)
         return x
 
 
@@ -222,15 +257,14 @@ class BertModel(nn.Module):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
     ) -> torch.Tensor:
+        """The last layer's token states, ``(texts, length, width)``, zeros at the padding."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # Padded keys are never attended to; with no padding in the batch, no mask at all
         # (scaled_dot_product_attention's fastest kernel).
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()[:, None, None, :]
-        states: torch.Tensor = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
-        return states
+        layout = _Layout(attention_mask, *input_ids.shape)
+        embedded = layout.pack(self.embeddings(input_ids, token_type_ids))
+        return layout.unpack(self.encoder(embedded, layout))
 
 
 class _BertBody(BertModel):
