@@ -13,6 +13,8 @@ import torch
 from aifn import bert, model_source
 from aifn.model import BUILD_INFO, TextClassifier, TextEncoder
 
+from .test_faults import _edit_config, _link_model
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFY_MODEL = REPO / "models" / "classify"
 
@@ -141,21 +143,11 @@ def test_serving_never_imports_transformers(sentiment_model_dir: Path) -> None:
     assert out.strip() == "[]", out
 
 
-def _copy_with_config(src: Path, dest: Path, **changes: object) -> Path:
-    dest.mkdir()
-    for file in src.iterdir():
-        if file.is_file() and file.name != "config.json":
-            (dest / file.name).symlink_to(file.resolve())
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config.update(changes)
-    (dest / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return dest
-
-
 def test_a_model_it_cannot_run_is_served_by_transformers(
     sentiment_model_dir: Path, tmp_path: Path
 ) -> None:
-    path = _copy_with_config(sentiment_model_dir, tmp_path / "relu", hidden_act="relu")
+    path = _link_model(sentiment_model_dir, tmp_path / "relu", without=("config.json",))
+    _edit_config(path, sentiment_model_dir, hidden_act="relu")
     model = TextClassifier.load(path, max_tokens=64, batch_size=8, threads=1)
     assert model.runtime == "transformers"
     assert model.predict(["I love it"])[0].label in model.labels
