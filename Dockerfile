@@ -69,6 +69,8 @@ RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
 # The model-source step. Its result is kept in a cache mount keyed by the source, so a rerun
 # (any change in the context reruns it) finds the fingerprint unchanged and copies the same
 # bytes: the runtime's model layer stays cached, and a recipe never retrains for a code edit.
+# The prepared-model cache (AIFN_MODEL_CACHE) lives in the same mount: a recipe, gs:// or hf://
+# source built once is restored, not rebuilt, whatever the destination (a local one is copied).
 FROM deps AS model
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 COPY requirements/build.txt /tmp/requirements/build.txt
@@ -88,6 +90,7 @@ RUN --mount=type=bind,target=/src \
     --mount=type=cache,id=aifn-models,target=/cache \
     test -n "${FUNCTION}" || { echo "--build-arg FUNCTION=sentiment|classify is required" >&2; exit 2; }; \
     dest="/cache/${FUNCTION}-$(printf '%s' "$MODEL_SOURCE" | sha256sum | cut -c1-16)"; \
+    AIFN_MODEL_CACHE=/cache/prepared \
     /opt/venv/bin/python -m aifn.model_source --source "$MODEL_SOURCE" --dest "$dest"; \
     cp -a "$dest" /model; \
     chmod -R a+rX,go-w /model

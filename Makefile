@@ -36,7 +36,7 @@ BATCH_ARGS ?=
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test lint fmt model train batch venv dev clean bench bench-cache bench-load services infra-check
+.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-load services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -104,6 +104,9 @@ services:
 test: $(DEV_STAMP) model services  ## Run the whole test suite (unit, integration, HTTP, Redis, storage emulator).
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+test-fast: $(DEV_STAMP) model services  ## The inner loop: every test not marked slow (acceptance figures, fine-tunes, faults, fuzzing).
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ and each function.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -112,12 +115,13 @@ lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ a
 	for f in functions/*/; do MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
 
 # Its own Docker engine (installs docker.io, debootstrap, docker-compose when missing, as root),
-# its own base image and wheelhouse (cached in .cache/container); needs the models (make model).
+# its own base image and wheelhouse (its data root is in ~/.cache/aifn/container, shared by the
+# clones on this machine); needs the models (make model).
 .PHONY: container-test
 container-test: $(RUNTIME_STAMP)  ## Lint the Dockerfile, build both images, run them like Cloud Run, and docker compose.
 	$(PY) scripts/container_test.py
 
-# Needs only terraform (preinstalled) and python3: installs its own tools into .cache/infra.
+# Needs only terraform (preinstalled) and python3: installs its own tools into ~/.cache/aifn/infra.
 infra-check:  ## Terraform, offline: fmt, validate and terraform test against hashicorp/google's schema, checkov, trivy.
 	PYTHON=$(PYTHON) bash infra/tools/check.sh
 
@@ -125,8 +129,16 @@ fmt: $(DEV_STAMP)  ## Format the code with ruff.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-clean:  ## Remove the virtualenv and prepared models (downloads stay in ~/.cache/aifn).
-	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
+clean:  ## Remove the virtualenv and prepared models (the machine's cache, ~/.cache/aifn, stays).
+	rm -rf $(VENV) $(MODELS) .cache .pytest_cache .mypy_cache .ruff_cache
+
+# The machine's cache (AIFN_CACHE_DIR, default $${XDG_CACHE_HOME:-~/.cache}/aifn): prepared models
+# by fingerprint, downloads, the container test's Docker data root, the infra-check tools. Shared
+# by every clone on the machine; run this while no build or test is running.
+clean-cache:  ## Empty the machine's cache of prepared models, downloads and tools (~/.cache/aifn).
+	@root="$${AIFN_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/aifn}"; \
+	if [ -d "$$root" ]; then du -sh "$$root"; rm -rf "$$root"; echo "removed $$root"; \
+	else echo "nothing cached in $$root"; fi
 
 bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json

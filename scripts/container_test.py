@@ -2,10 +2,12 @@
 
 Steps, each failing loudly:
 
-1. lint: hadolint and ``trivy config`` on the Dockerfile (tools in ``.cache/container/tools``);
+1. lint: hadolint and ``trivy config`` on the Dockerfile (tools in the machine's cache,
+   ``~/.cache/aifn/container/tools``; logs and the report go to this clone's ``.cache/container``);
 2. engine: installs docker.io, debootstrap and docker-compose when missing (apt-get, as root) and
-   starts its own ``dockerd`` (data root ``.cache/container/docker``, kept between runs as the
-   build cache; stopped at the end by its pid);
+   starts its own ``dockerd`` (data root ``~/.cache/aifn/container/docker``, kept between runs and
+   shared by every clone on the machine as the build cache, one run at a time; stopped at the end
+   by its pid);
 3. base and wheelhouse, the stand-ins for the official Python image and the package indexes that
    these machines cannot reach: a Debian bookworm image from ``debootstrap`` and an image of
    wheels from ``pip download`` (both cached by their inputs);
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -45,10 +48,19 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache" / "container"
+# The machine's cache (shared by every clone: the Docker engine's data root, which holds the base
+# image, the wheelhouse and the build cache, and the lint tools) and this clone's run files.
+CACHE = (
+    Path(
+        os.environ.get("AIFN_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifn"
+    )
+    / "container"
+)
+RUN_DIR = REPO / ".cache" / "container"
 FUNCTIONS = ("sentiment", "classify")
 TAG = "local"
 MAX_IMAGE_BYTES = 1_500_000_000
@@ -175,7 +187,7 @@ class Engine:
         self.sock = self.run_dir / "docker.sock"
         self.pidfile = self.run_dir / "dockerd.pid"
         self.data_root = CACHE / "docker"
-        self.log = CACHE / "logs" / "dockerd.log"
+        self.log = RUN_DIR / "logs" / "dockerd.log"
         self.client = docker_client()
         self.env = {
             **os.environ,
@@ -184,9 +196,17 @@ class Engine:
             "COMPOSE_DOCKER_CLI_BUILD": "1",
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lock: IO[str] | None = None
 
     def start(self) -> None:
         self.data_root.mkdir(parents=True, exist_ok=True)
+        # One engine per data root: another clone's run on this machine finishes first.
+        self.lock = (CACHE / "docker.lock").open("a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another container test using {self.data_root}", flush=True)
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         dockerd = shutil.which("dockerd")
         assert dockerd
@@ -214,15 +234,19 @@ class Engine:
         raise Failed("dockerd did not answer within 60 s")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.proc is not None and self.proc.poll() is None:
+            # Images no tag points to any more (earlier builds): the build cache stays.
+            self.docker("image", "prune", "--force", check=False)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.close()  # releases the flock
+            self.lock = None
 
     def docker(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run([self.client, *args], env=self.env, **kwargs)
@@ -244,7 +268,7 @@ def base_image(engine: Engine) -> str:
         t = time.monotonic()
         run(
             ["debootstrap", *DEBOOTSTRAP, str(rootfs), DEBIAN_MIRROR],
-            log=CACHE / "logs" / "debootstrap.log",
+            log=RUN_DIR / "logs" / "debootstrap.log",
         )
         for junk in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",
                      "usr/share/locale", "usr/share/info"):  # fmt: skip
@@ -282,7 +306,7 @@ def wheelhouse_image(engine: Engine) -> str:
     shutil.rmtree(wheels, ignore_errors=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet",
            "-d", str(wheels)]  # fmt: skip
-    log = CACHE / "logs" / "wheelhouse.log"
+    log = RUN_DIR / "logs" / "wheelhouse.log"
     run([*pip, "-r", "requirements/runtime.txt"], cwd=REPO, log=log)
     # Pins guarded by a marker this interpreter does not meet but the image's Python may (the
     # stand-in base's Python 3.11.2), and the model stage's --no-deps packages.
@@ -309,7 +333,7 @@ def build(engine: Engine, function: str, base: str, wheels: str, context: Path =
         "build", "--progress=plain", "--build-arg", f"FUNCTION={function}",
         "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"WHEELHOUSE={wheels}",
         "-t", f"aifn-{function}:{TAG}", str(context),
-        log=CACHE / "logs" / f"build-{function}.log",
+        log=RUN_DIR / "logs" / f"build-{function}.log",
     )  # fmt: skip
     return time.monotonic() - t
 
@@ -334,7 +358,7 @@ def check_code_edit_keeps_layers(engine: Engine, base: str, wheels: str) -> None
         engine.docker(
             "build", "--progress=plain", "--build-arg", "FUNCTION=sentiment",
             "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"WHEELHOUSE={wheels}",
-            "-t", "aifn-sentiment:edit", str(ctx), log=CACHE / "logs" / "build-edit.log",
+            "-t", "aifn-sentiment:edit", str(ctx), log=RUN_DIR / "logs" / "build-edit.log",
         )  # fmt: skip
     after = layers(engine, "aifn-sentiment:edit")
     engine.docker("image", "rm", "aifn-sentiment:edit")
@@ -516,7 +540,7 @@ def redis_image(engine: Engine, base: str) -> str:
         )
         with tempfile.TemporaryDirectory() as ctx:
             engine.docker("build", "-t", ref, "-f", "-", ctx, input=dockerfile,
-                          log=CACHE / "logs" / "build-redis.log")  # fmt: skip
+                          log=RUN_DIR / "logs" / "build-redis.log")  # fmt: skip
     return ref
 
 
@@ -540,7 +564,11 @@ def check_compose(engine: Engine, base: str) -> dict[str, Any]:
     run([*compose, "config", "--quiet"], env=env)
     print("docker-compose config: valid")
     try:
-        run([*compose, "up", "--detach", "--no-build"], env=env, log=CACHE / "logs" / "compose.log")
+        run(
+            [*compose, "up", "--detach", "--no-build"],
+            env=env,
+            log=RUN_DIR / "logs" / "compose.log",
+        )
         out: dict[str, Any] = {}
         for function, port in ports.items():
             url = f"http://127.0.0.1:{port}{ENDPOINT[function]}"
@@ -576,13 +604,14 @@ def check_compose(engine: Engine, base: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, default=CACHE / "report.json", help="report file")
+    parser.add_argument("--json", type=Path, default=RUN_DIR / "report.json", help="report file")
     args = parser.parse_args()
     for function in FUNCTIONS:
         if not (REPO / "models" / function / "config.json").is_file():
             print(f"models/{function} is not prepared: run `make model` first", file=sys.stderr)
             return 2
     CACHE.mkdir(parents=True, exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"functions": {}}
     engine: Engine | None = None
     try:

@@ -18,6 +18,33 @@ SENTIMENT_MODEL = Path(os.environ.get("AIFN_TEST_SENTIMENT_MODEL", REPO / "model
 VENV_BIN = Path(sys.executable).parent
 
 
+# The user's own AIFN_MODEL_CACHE setting (None: unset), before the suite replaces it below.
+_USER_MODEL_CACHE = os.environ.get("AIFN_MODEL_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Models the tests build go to a cache of their own, never into the user's."""
+    os.environ["AIFN_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    try:
+        yield
+    finally:
+        if _USER_MODEL_CACHE is None:
+            os.environ.pop("AIFN_MODEL_CACHE", None)
+        else:
+            os.environ["AIFN_MODEL_CACHE"] = _USER_MODEL_CACHE
+
+
+@pytest.fixture
+def machine_model_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that rebuilds a model from the same inputs on every run (the BBC fine-tune):
+    the machine's prepared-model cache, as `make model` and `make train` use it."""
+    if _USER_MODEL_CACHE is None:
+        monkeypatch.delenv("AIFN_MODEL_CACHE")
+    else:
+        monkeypatch.setenv("AIFN_MODEL_CACHE", _USER_MODEL_CACHE)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environ() -> Iterator[None]:
     """Each test sees the environment as it was before it, whatever it sets."""

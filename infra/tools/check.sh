@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # make infra-check: the Terraform deployment checked offline, on a fresh machine.
 #
-#   setup     tools into .cache/infra (venvs, the pinned cdktn-provider-google wheel), the provider
-#             schema derived from it, and the schema-serving stand-in provider in a filesystem mirror
+#   setup     tools into the machine's cache (venvs keyed by their requirements and Python, the
+#             pinned cdktn-provider-google wheel: shared by every clone on the machine), then into
+#             this clone's .cache/infra the provider schema derived from it and the schema-serving
+#             stand-in provider in a filesystem mirror
 #   fmt       terraform fmt -check
 #   validate  terraform init -backend=false + validate, against the stand-in (no network)
 #   test      terraform test (mock_provider) and the pytest that breaks the module on purpose
@@ -14,14 +16,19 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
+# This clone's files (schema, mirror, work dir: all derived from this clone's code) ...
 CACHE=${AIFN_INFRA_CACHE:-$PWD/.cache/infra}
+# ... and the machine's tools, which depend only on their pinned requirements.
+TOOLS=${AIFN_INFRA_TOOLS:-${AIFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/aifn}/infra}
 MODULE=infra/terraform
 # The bindings generated from hashicorp/google 8.7.0, and what the wheel must hash to.
 CDKTN_VERSION=21.1.0
 CDKTN_SHA256=157dead5025d5db5abe48e40cc49f0b6a4d8088fd0498eb17ad5a36bca811b2a
 PROVIDER_VERSION=8.7.0
-TOOLS_VENV=$CACHE/venv
-CHECKOV_VENV=$CACHE/checkov-venv
+# A venv's name says what is in it: the requirements file's hash and the Python that runs it.
+venv_key() { { cat "$1"; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16; }
+TOOLS_VENV=$TOOLS/venv-$(venv_key infra/tools/requirements.txt)
+CHECKOV_VENV=$TOOLS/checkov-venv-$(venv_key infra/tools/requirements-checkov.txt)
 export CHECKPOINT_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TF_CLI_CONFIG_FILE=$CACHE/terraformrc
 export TF_IN_AUTOMATION=1
@@ -35,11 +42,11 @@ need_terraform() {
   }
 }
 
-venv() {  # venv DIR STAMP-INPUT PIP-ARGS...
-  local dir=$1 reqs=$2
-  shift 2
+venv() {  # venv DIR PIP-ARGS...  (DIR's name carries its inputs' hash; complete once stamped)
+  local dir=$1
+  shift 1
   local stamp=$dir/.installed
-  if [ -f "$stamp" ] && [ "$stamp" -nt "$reqs" ]; then return; fi
+  if [ -f "$stamp" ]; then return; fi
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
   "$dir/bin/python" -m pip install --quiet "$@" 2>&1 | quiet_pip
@@ -51,14 +58,18 @@ quiet_pip() { grep -v "^WARNING: Location 'file:" || true; }
 
 setup() {
   need_terraform
-  mkdir -p "$CACHE"
-  venv "$TOOLS_VENV" infra/tools/requirements.txt -r infra/tools/requirements.txt
-  venv "$CHECKOV_VENV" infra/tools/requirements-checkov.txt -r infra/tools/requirements-checkov.txt
+  mkdir -p "$CACHE" "$TOOLS"
+  # One clone at a time installs into the machine's tools; the others wait, then reuse them.
+  exec 9>"$TOOLS/.lock"
+  flock 9
+  venv "$TOOLS_VENV" -r infra/tools/requirements.txt
+  venv "$CHECKOV_VENV" -r infra/tools/requirements-checkov.txt
 
-  local wheel=$CACHE/cdktn_provider_google-$CDKTN_VERSION-py3-none-any.whl
+  local wheel=$TOOLS/cdktn_provider_google-$CDKTN_VERSION-py3-none-any.whl
   if [ ! -f "$wheel" ]; then
-    "$TOOLS_VENV/bin/python" -m pip download --quiet --no-deps --dest "$CACHE" "cdktn-provider-google==$CDKTN_VERSION" 2>&1 | quiet_pip
+    "$TOOLS_VENV/bin/python" -m pip download --quiet --no-deps --dest "$TOOLS" "cdktn-provider-google==$CDKTN_VERSION" 2>&1 | quiet_pip
   fi
+  flock -u 9
   "$TOOLS_VENV/bin/python" infra/tools/provider_schema.py --wheel "$wheel" --sha256 "$CDKTN_SHA256" \
     --config "$MODULE" --out "$CACHE/schema.json"
   rm -rf "$CACHE/mirror"
@@ -109,7 +120,7 @@ check_test() {
   step "terraform test"
   terraform -chdir="$work" test -no-color
   step "pytest tests/test_infra.py (broken variants must fail validate)"
-  AIFN_INFRA_CACHE=$CACHE "$TOOLS_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_infra.py
+  AIFN_INFRA_CACHE=$CACHE AIFN_INFRA_TOOLS=$TOOLS "$TOOLS_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_infra.py
 }
 
 check_scan() {

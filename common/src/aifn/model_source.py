@@ -9,11 +9,13 @@ saying where it came from. Sources::
     hf://org/name@revision                 a Hub snapshot at a pinned revision (needs Hub access)
     /path/to/dir  (or file:///path)        copy a local model directory
 
-Each result is cached: when the source's fingerprint (the recipe's inputs, the objects' checksums,
-the Hub revision, the local files' hashes) matches the one recorded in ``aifn-model.json`` the
-step does nothing. The directory is built beside the destination and swapped in only once it
-passes :func:`aifn.model.check_model_dir`, so a failed or interrupted run never leaves a broken
-model behind.
+Each result is cached twice over, by the source's fingerprint (the recipe's inputs, the objects'
+checksums, the Hub revision, the local files' hashes): when it matches the one recorded in the
+destination's ``aifn-model.json`` the step does nothing, and when the machine's prepared-model
+cache (:mod:`aifn.model_cache`) holds it, it is copied from there instead of being rebuilt. The
+directory is built beside the destination and swapped in only once it passes
+:func:`aifn.model.check_model_dir`, so a failed or interrupted run never leaves a broken model
+behind.
 
 A recipe file defines ``NAME``, ``fingerprint() -> dict`` (everything its output depends on) and
 ``build(dest: Path) -> dict`` (train into ``dest``, return the evaluation figures).
@@ -24,6 +26,7 @@ Usage: ``python -m aifn.model_source --source SPEC --dest DIR [--force]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -39,6 +42,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from aifn import model_cache
 from aifn.errors import ConfigError
 from aifn.model import BUILD_INFO, check_model_dir, hash_files
 
@@ -216,6 +220,8 @@ def prepare(spec: str, dest: Path, *, force: bool = False) -> dict[str, Any]:
         fingerprint=fp,
         build=lambda tmp: _fetch(source, tmp),
         force=force,
+        # A local directory is already a copy at hand; the cache's would only be a third one.
+        shared=source.kind != "local",
     )
 
 
@@ -227,15 +233,21 @@ def build_cached(
     fingerprint: dict[str, Any],
     build: Callable[[Path], dict[str, Any]],
     force: bool = False,
+    shared: bool = True,
 ) -> dict[str, Any]:
-    """Run ``build(tmp)`` unless ``dest`` was built from the same fingerprint; swap in atomically.
+    """Make ``dest`` hold the model of ``fingerprint``: kept, restored from the cache, or built.
 
-    ``build`` fills an empty directory beside ``dest`` and returns figures to record; the result
-    replaces ``dest`` only once it passes :func:`aifn.model.check_model_dir`, so a failed or
-    interrupted build leaves the previous model in place.
+    In order: ``dest`` already built from the same fingerprint is kept as it is; else the
+    prepared-model cache (:mod:`aifn.model_cache`) holds a verified copy, which is copied in;
+    else ``build(tmp)`` fills an empty directory beside ``dest`` and returns figures to record,
+    and the result is stored in the cache. Either way the new directory replaces ``dest`` only
+    once it passes :func:`aifn.model.check_model_dir`, so a failed or interrupted run leaves the
+    previous model in place. ``force`` skips both shortcuts (and replaces the cache entry);
+    ``shared=False`` keeps this model out of the cache (a local copy is already a copy).
 
     Returns:
-        The ``aifn-model.json`` record, with ``"cached": True`` when nothing was rebuilt.
+        The ``aifn-model.json`` record, with ``"cached": True`` when nothing was rebuilt and
+        ``"restored_from"`` naming the cache entry when it was copied from there.
     """
     fp = json.loads(json.dumps(fingerprint))  # compare as stored: tuples become lists in JSON
     current = read_info(dest)
@@ -247,32 +259,69 @@ def build_cached(
         else:
             return {**current, "cached": True}
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    started = time.perf_counter()
-    try:
-        metrics = build(tmp)
-        check_model_dir(tmp)
-        info = {
-            "name": name,
-            "source": source,
-            "fingerprint": fp,
-            "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "prepare_seconds": round(time.perf_counter() - started, 1),
-            "metrics": metrics,
-        }
-        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    cache = model_cache.ModelCache.from_env() if shared else None
+    entry_key = model_cache.key(name, fp)
+    with cache.locked(entry_key) if cache is not None else contextlib.nullcontext():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {**info, "cached": False}
+        tmp.mkdir()
+        started = time.perf_counter()
+        try:
+            entry = None if cache is None or force else _restore(cache, entry_key, tmp)
+            if entry is not None:
+                # The build's record (when, how long, its figures), under the source named now.
+                info = {**(read_info(tmp) or {}), "source": source}
+                (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                result = {**info, "cached": True, "restored_from": str(entry)}
+                log.info(
+                    "%s: restored from the model cache (%s) in %.1f s",
+                    dest,
+                    entry,
+                    time.perf_counter() - started,
+                )
+            else:
+                metrics = build(tmp)
+                check_model_dir(tmp)
+                info = {
+                    "name": name,
+                    "source": source,
+                    "fingerprint": fp,
+                    "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "prepare_seconds": round(time.perf_counter() - started, 1),
+                    "metrics": metrics,
+                }
+                (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                result = {**info, "cached": False}
+                if cache is not None:
+                    stored = cache.store(entry_key, tmp)
+                    log.info("%s: stored in the model cache as %s", dest, stored)
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+            if dest.exists():
+                dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return result
+
+
+def _restore(cache: model_cache.ModelCache, entry_key: str, tmp: Path) -> Path | None:
+    """Copy the cache's entry into the empty ``tmp``; ``None`` (and ``tmp`` empty) if unusable."""
+    entry = cache.lookup(entry_key)
+    if entry is None:
+        return None
+    cache.copy_out(entry_key, tmp)
+    try:
+        check_model_dir(tmp)
+    except ConfigError as exc:  # e.g. stored before a check it now fails was added
+        log.warning("model cache entry %s fails the model checks, rebuilding: %s", entry, exc)
+        cache.remove(entry_key)
+        shutil.rmtree(tmp)
+        tmp.mkdir()
+        return None
+    return entry
 
 
 def quiet_library_progress_bars() -> None:
@@ -297,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"model source: {exc}", file=sys.stderr)
         return 2
-    verb = "up to date (cached)" if info["cached"] else f"prepared in {info['prepare_seconds']} s"
+    verb = (
+        f"restored from the model cache ({info['restored_from']})"
+        if "restored_from" in info
+        else "up to date (cached)"
+        if info["cached"]
+        else f"prepared in {info['prepare_seconds']} s"
+    )
     print(f"{args.dest}: {info['name']} from {info['source']}: {verb}")
     for key, value in info.get("metrics", {}).items():
         if not isinstance(value, dict):
