@@ -33,6 +33,10 @@ INPUT ?=
 OUTPUT ?=
 BATCH_ARGS ?=
 
+# The machine's cache, shared by every clone: prepared models by fingerprint (aifn.model_cache),
+# downloads, the container test's Docker data root, infra-check's tools, mypy's cache.
+AIFN_CACHE := $(or $(AIFN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aifn)
+
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
@@ -110,9 +114,10 @@ test-fast: $(DEV_STAMP) model services  ## The inner loop: every test not marked
 lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ and each function.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	@# mypy's cache is checked file by file (hashes), so every clone on the machine can share it.
+	MYPY_CACHE_DIR=$(AIFN_CACHE)/mypy $(VENV)/bin/mypy
 	@# One run per function: each folder is its own top-level import root (main, recipe, ...).
-	for f in functions/*/; do MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
+	for f in functions/*/; do MYPY_CACHE_DIR=$(AIFN_CACHE)/mypy MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
 
 # Its own Docker engine (installs docker.io, debootstrap, docker-compose when missing, as root),
 # its own base image and wheelhouse (its data root is in ~/.cache/aifn/container, shared by the
@@ -132,13 +137,10 @@ fmt: $(DEV_STAMP)  ## Format the code with ruff.
 clean:  ## Remove the virtualenv and prepared models (the machine's cache, ~/.cache/aifn, stays).
 	rm -rf $(VENV) $(MODELS) .cache .pytest_cache .mypy_cache .ruff_cache
 
-# The machine's cache (AIFN_CACHE_DIR, default $${XDG_CACHE_HOME:-~/.cache}/aifn): prepared models
-# by fingerprint, downloads, the container test's Docker data root, the infra-check tools. Shared
-# by every clone on the machine; run this while no build or test is running.
+# Run it while no build or test is running on the machine.
 clean-cache:  ## Empty the machine's cache of prepared models, downloads and tools (~/.cache/aifn).
-	@root="$${AIFN_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/aifn}"; \
-	if [ -d "$$root" ]; then du -sh "$$root"; rm -rf "$$root"; echo "removed $$root"; \
-	else echo "nothing cached in $$root"; fi
+	@if [ -d "$(AIFN_CACHE)" ]; then du -sh "$(AIFN_CACHE)"; rm -rf "$(AIFN_CACHE)"; \
+	echo "removed $(AIFN_CACHE)"; else echo "nothing cached in $(AIFN_CACHE)"; fi
 
 bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json

@@ -83,6 +83,7 @@ def test_the_encoder_embeds_as_transformers_does(quantize: str) -> None:
         assert torch.allclose(got, want, rtol=0, atol=1e-6), batch
 
 
+@pytest.mark.slow  # the full held-out set, twice
 def test_int8_accuracy_on_the_served_path_is_within_the_cards_tolerance(
     sentiment_model_dir: Path,
 ) -> None:

@@ -93,6 +93,7 @@ def test_a_quantized_model_keeps_its_answers(
                 assert max(abs(q_scores[k] - f_scores[k]) for k in f_scores) < 0.1
 
 
+@pytest.mark.slow  # every plan, evaluated and timed
 def test_choose_takes_the_fastest_plan_within_the_tolerance(float_model: TextClassifier) -> None:
     reference = [p.label for p in float_model.predict(TEXTS)]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aifn import quantize, training
+from aifn import model_cache, quantize, training
 from aifn.model import ModelIdentity, TextClassifier
 
 NAME = "aifn-sentiment-minilm-vader"
@@ -75,14 +75,9 @@ def label_for(rating: float) -> str:
     return "NEUTRAL"
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("AIFN_CACHE_DIR") or Path.home() / ".cache" / "aifn"
-    return Path(root)
-
-
 def fetch_sdist() -> Path:
     """Return the pinned vaderSentiment sdist, downloading it with pip once, checked by SHA-256."""
-    dest = _cache_dir() / "downloads"
+    dest = model_cache.cache_home() / "downloads"
     path = dest / VADER_SDIST_FILE
     if not path.exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -152,6 +147,7 @@ def fingerprint() -> dict[str, Any]:
         "base_model_sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
         "data_sha256": VADER_SDIST_SHA256,
         "config": CONFIG.to_dict(),
+        "train_threads": training.train_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

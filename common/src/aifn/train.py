@@ -214,6 +214,7 @@ def fingerprint(
             "quantize": sha(Path(quantize.__file__)),
         },
         "config": config.to_dict(),
+        "train_threads": training.train_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -87,6 +88,16 @@ def _length_grouped_batches(
     return batches
 
 
+def train_threads() -> int:
+    """The intra-op threads every fine-tune runs with: one per CPU this process may use.
+
+    Fixed here rather than inherited from whatever the process set before (serving code sets one
+    thread per model worker), because the thread count changes the order of floating-point sums
+    and so the weights' last bits. It is part of every trainer's fingerprint.
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def fine_tune(
     base_dir: Path,
     train: Sequence[Example],
@@ -95,7 +106,7 @@ def fine_tune(
     *,
     description: str = "training",
 ) -> tuple[Any, Any]:
-    """Fine-tune the encoder in ``base_dir`` on ``train``.
+    """Fine-tune the encoder in ``base_dir`` on ``train``, with :func:`train_threads` threads.
 
     Args:
         base_dir: A Hugging Face model directory holding a BERT-style encoder and its tokenizer.
@@ -107,6 +118,21 @@ def fine_tune(
     Returns:
         The trained model (in eval mode) and its tokenizer.
     """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(train_threads())
+    try:
+        return _fine_tune(base_dir, train, labels, config, description)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _fine_tune(
+    base_dir: Path,
+    train: Sequence[Example],
+    labels: Sequence[str],
+    config: TrainConfig,
+    description: str,
+) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
