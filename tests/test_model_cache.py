@@ -230,12 +230,19 @@ def test_where_the_cache_lives(
     assert (None if root is None else str(root)) == expected
 
 
-def test_the_key_covers_name_and_every_fingerprint_field() -> None:
+def test_the_key_covers_name_every_fingerprint_field_and_the_library_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     base = model_cache.key("m", {"a": 1, "b": {"c": [1, 2]}})
     assert base == model_cache.key("m", {"b": {"c": [1, 2]}, "a": 1})  # key order is irrelevant
     assert base != model_cache.key("n", {"a": 1, "b": {"c": [1, 2]}})
     assert base != model_cache.key("m", {"a": 1, "b": {"c": [2, 1]}})
     assert base != model_cache.key("m", {"a": "1", "b": {"c": [1, 2]}})
+    env = model_cache.environment()
+    assert "absent" not in (env["tokenizers"], env["torch"], env["numpy"])
+    # An upgraded library the recipe's fingerprint does not name is still a new entry.
+    monkeypatch.setattr(model_cache, "environment", lambda: {**env, "tokenizers": "99.0"})
+    assert base != model_cache.key("m", {"a": 1, "b": {"c": [1, 2]}})
 
 
 def test_list_and_clear(recipe: Path, tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ The model-source step (``make model``) and ``make train`` are deterministic: the
 same weights, byte for byte. So each model they build is also stored here, outside the clone,
 and the next build of the same fingerprint (a second clone, ``make clean``, CI on a machine that
 built it before) copies it back in seconds instead of training again. A changed input is a new
-fingerprint, so a new entry and a real build; nothing is ever looked up by name or age.
+fingerprint, so a new entry and a real build; nothing is ever looked up by name or age. The key
+also covers the build environment (Python and the versions of the libraries in
+:data:`ENVIRONMENT_PACKAGES`), so an upgrade rebuilds even where a recipe does not name them.
 
 Layout, under the root (``AIFN_MODEL_CACHE``, else ``$AIFN_CACHE_DIR/models``, else
 ``${XDG_CACHE_HOME:-~/.cache}/aifn/models``; ``AIFN_MODEL_CACHE=off`` disables it)::
@@ -28,9 +30,11 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
@@ -66,10 +70,26 @@ def default_root() -> Path | None:
     return cache_home() / "models"
 
 
+# Libraries whose version can change a build's bytes even where a recipe's fingerprint does not
+# name them (tokenization, weight serialisation, array maths). Part of every key, with Python's.
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
+
+
+def environment() -> dict[str, str]:
+    """The build environment every key includes: Python's version and those libraries'."""
+    versions = {"python": platform.python_version()}
+    for package in ENVIRONMENT_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
 def key(name: str, fingerprint: dict[str, Any]) -> str:
-    """The entry name for a model: SHA-256 of its name and fingerprint, as canonical JSON."""
+    """The entry name for a model: SHA-256 of its name, fingerprint and :func:`environment`."""
     canonical = json.dumps(
-        {"format": FORMAT, "name": name, "fingerprint": fingerprint},
+        {"format": FORMAT, "name": name, "fingerprint": fingerprint, "env": environment()},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=True,

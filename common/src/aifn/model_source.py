@@ -287,6 +287,7 @@ def build_cached(
                     "name": name,
                     "source": source,
                     "fingerprint": fp,
+                    "environment": model_cache.environment(),
                     "prepared_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "prepare_seconds": round(time.perf_counter() - started, 1),
                     "metrics": metrics,
