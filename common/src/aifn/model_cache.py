@@ -17,7 +17,7 @@ Layout, under the root (``AIFN_MODEL_CACHE``, else ``$AIFN_CACHE_DIR/models``, e
     .tmp-<key>-<pid>-*/    an entry being written; never read, removed by whoever finds it stale
 
 An entry only ever appears by an atomic rename of a finished directory, so a partial entry cannot
-be used; each file is checked against the manifest before it is copied out, and an entry that no
+be used; each file is hashed as it is copied out and must match the manifest, and an entry that no
 longer matches (disk trouble, a hand edit) is deleted and rebuilt. Builds of the same key
 serialise on its lock, so two concurrent ``make model`` runs train once and both get the result.
 
@@ -97,11 +97,17 @@ def key(name: str, fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
+def _copy(src: Path, dst: Path, *, fsync: bool = False) -> str:
+    """Copy one file in a single pass; returns the SHA-256 of the bytes written."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        for block in iter(lambda: fin.read(1 << 20), b""):
             digest.update(block)
+            fout.write(block)
+        if fsync:
+            fout.flush()
+            os.fsync(fout.fileno())
     return digest.hexdigest()
 
 
@@ -142,16 +148,18 @@ class ModelCache:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def lookup(self, key: str) -> Path | None:
-        """The entry for ``key`` if it is complete and every file matches its manifest.
+    def restore(self, key: str, dest: Path) -> Path | None:
+        """Copy ``key``'s entry (not its manifest) into the empty directory ``dest``.
 
-        An entry that fails the check is deleted (it would fail again), and ``None`` returned.
-        Call with the key's lock held.
+        Each file is hashed as it is copied and must match the manifest, so what lands in
+        ``dest`` is what was stored. An entry that fails is deleted (it would fail again) and
+        ``None`` returned, with ``dest`` left partly filled for the caller to discard. Call with
+        the key's lock held.
         """
         path = self.entry(key)
         if not path.is_dir():
             return None
-        problem = self._verify(path, key)
+        problem = self._copy_verified(path, key, dest)
         if problem is None:
             return path
         log.warning("model cache entry %s is unusable (%s); removing it, rebuilding", path, problem)
@@ -162,7 +170,7 @@ class ModelCache:
         """Delete ``key``'s entry, if any. Call with the key's lock held."""
         self._remove(self.entry(key))
 
-    def _verify(self, path: Path, key: str) -> str | None:
+    def _copy_verified(self, path: Path, key: str, dest: Path) -> str | None:
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -178,17 +186,9 @@ class ModelCache:
         if present != set(expected):
             return f"files differ from the manifest: {sorted(present ^ set(expected))[:3]}"
         for rel, digest in expected.items():
-            if _sha256(path / rel) != digest:
+            if _copy(path / rel, dest / rel) != digest:
                 return f"{rel} does not match its SHA-256"
         return None
-
-    def copy_out(self, key: str, dest: Path) -> None:
-        """Copy a verified entry's files (not its manifest) into the empty directory ``dest``."""
-        src = self.entry(key)
-        for file in _files(src):
-            target = dest / file.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
 
     def store(self, key: str, src: Path) -> Path:
         """Store a copy of the finished model directory ``src`` as ``key``; returns the entry.
@@ -204,16 +204,9 @@ class ModelCache:
             files = {}
             for file in _files(src):
                 rel = str(file.relative_to(src))
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, target)
-                files[rel] = _sha256(target)
+                files[rel] = _copy(file, tmp / rel, fsync=True)
             manifest = {"format": FORMAT, "key": key, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            for file in tmp.rglob("*"):
-                if file.is_file():
-                    with file.open("rb") as fh:
-                        os.fsync(fh.fileno())
             path = self.entry(key)
             if path.exists():
                 self._remove(path)

@@ -310,18 +310,17 @@ def build_cached(
 
 def _restore(cache: model_cache.ModelCache, entry_key: str, tmp: Path) -> Path | None:
     """Copy the cache's entry into the empty ``tmp``; ``None`` (and ``tmp`` empty) if unusable."""
-    entry = cache.lookup(entry_key)
+    entry = cache.restore(entry_key, tmp)
+    if entry is not None:
+        try:
+            check_model_dir(tmp)
+        except ConfigError as exc:  # e.g. stored before a check it now fails was added
+            log.warning("model cache entry %s fails the model checks, rebuilding: %s", entry, exc)
+            cache.remove(entry_key)
+            entry = None
     if entry is None:
-        return None
-    cache.copy_out(entry_key, tmp)
-    try:
-        check_model_dir(tmp)
-    except ConfigError as exc:  # e.g. stored before a check it now fails was added
-        log.warning("model cache entry %s fails the model checks, rebuilding: %s", entry, exc)
-        cache.remove(entry_key)
         shutil.rmtree(tmp)
         tmp.mkdir()
-        return None
     return entry
 
 
