@@ -50,16 +50,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from aifn.model_cache import cache_home
+
 REPO = Path(__file__).resolve().parents[1]
 # The machine's cache (shared by every clone: the Docker engine's data root, which holds the base
 # image, the wheelhouse and the build cache, and the lint tools) and this clone's run files.
-CACHE = (
-    Path(
-        os.environ.get("AIFN_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifn"
-    )
-    / "container"
-)
+CACHE = cache_home() / "container"
 RUN_DIR = REPO / ".cache" / "container"
 FUNCTIONS = ("sentiment", "classify")
 TAG = "local"

@@ -25,15 +25,6 @@ from .conftest import REPO
 MODULE = REPO / "infra" / "terraform"
 TOOLS = REPO / "infra" / "tools"
 CACHE = Path(os.environ.get("AIFN_INFRA_CACHE", REPO / ".cache" / "infra"))
-# The machine's tools (check.sh): venvs and the pinned bindings wheel, shared by every clone.
-TOOLS_CACHE = Path(
-    os.environ.get("AIFN_INFRA_TOOLS")
-    or Path(
-        os.environ.get("AIFN_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aifn"
-    )
-    / "infra"
-)
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +209,8 @@ def test_derivation_refuses_a_type_the_provider_does_not_have(
     tmp_path: Path, infra_env: dict[str, str]
 ) -> None:
     (tmp_path / "main.tf").write_text('resource "google_cloud_run_v3_service" "x" {}\n')
-    wheels = sorted(TOOLS_CACHE.glob("cdktn_provider_google-*.whl"))
-    assert wheels, f"the bindings wheel is missing from {TOOLS_CACHE}"
+    wheels = sorted(CACHE.glob("cdktn_provider_google-*.whl"))
+    assert wheels, "the bindings wheel is missing from .cache/infra"
     result = subprocess.run(
         [
             sys.executable,

@@ -70,6 +70,8 @@ setup() {
     "$TOOLS_VENV/bin/python" -m pip download --quiet --no-deps --dest "$TOOLS" "cdktn-provider-google==$CDKTN_VERSION" 2>&1 | quiet_pip
   fi
   flock -u 9
+  # Linked into this clone's cache, where tests/test_infra.py finds it.
+  ln -sfn "$wheel" "$CACHE/"
   "$TOOLS_VENV/bin/python" infra/tools/provider_schema.py --wheel "$wheel" --sha256 "$CDKTN_SHA256" \
     --config "$MODULE" --out "$CACHE/schema.json"
   rm -rf "$CACHE/mirror"
@@ -120,7 +122,7 @@ check_test() {
   step "terraform test"
   terraform -chdir="$work" test -no-color
   step "pytest tests/test_infra.py (broken variants must fail validate)"
-  AIFN_INFRA_CACHE=$CACHE AIFN_INFRA_TOOLS=$TOOLS "$TOOLS_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_infra.py
+  AIFN_INFRA_CACHE=$CACHE "$TOOLS_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_infra.py
 }
 
 check_scan() {

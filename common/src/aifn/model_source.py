@@ -324,6 +324,13 @@ def _restore(cache: model_cache.ModelCache, entry_key: str, tmp: Path) -> Path |
     return entry
 
 
+def outcome(info: dict[str, Any], *, built: str) -> str:
+    """How :func:`build_cached` got its model, for a command's output; ``built`` if it built it."""
+    if "restored_from" in info:
+        return f"restored from the model cache ({info['restored_from']})"
+    return "up to date (cached)" if info["cached"] else built
+
+
 def quiet_library_progress_bars() -> None:
     """Keep the log to our own progress bar: no per-file bars from transformers."""
     from transformers.utils import logging as hf_logging
@@ -346,13 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"model source: {exc}", file=sys.stderr)
         return 2
-    verb = (
-        f"restored from the model cache ({info['restored_from']})"
-        if "restored_from" in info
-        else "up to date (cached)"
-        if info["cached"]
-        else f"prepared in {info['prepare_seconds']} s"
-    )
+    verb = outcome(info, built=f"prepared in {info['prepare_seconds']} s")
     print(f"{args.dest}: {info['name']} from {info['source']}: {verb}")
     for key, value in info.get("metrics", {}).items():
         if not isinstance(value, dict):

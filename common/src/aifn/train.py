@@ -394,13 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     m = info["metrics"]
-    verb = (
-        f"restored from the model cache ({info['restored_from']})"
-        if "restored_from" in info
-        else "up to date (cached)"
-        if info["cached"]
-        else f"trained in {m['train_seconds']} s"
-    )
+    verb = model_source.outcome(info, built=f"trained in {m['train_seconds']} s")
     print(f"{args.dest}: {name}: {verb}")
     print(f"  test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} (n={m['test_n']})")
     print(f"  serve it: make serve CLASSIFY_MODEL_DIR={args.dest}")
