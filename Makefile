@@ -40,7 +40,7 @@ AIFN_CACHE := $(or $(AIFN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aifn
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-load services infra-check
+.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-threads bench-load services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,9 +50,10 @@ $(RUNTIME_STAMP): requirements/runtime.txt requirements/build.txt common/pyproje
 		|| { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@# torch first, on its own: with no torch present, a dependency's unpinned torch could pull CUDA.
-	$(PIP) install --quiet $(TORCH_INDEX) "$$(grep -E '^torch==' requirements/runtime.txt)"
 	$(PIP) install --quiet -r requirements/runtime.txt
+	@# The build tools (torch, transformers, onnx), every dependency pinned in build.txt: torch on
+	@# its own first, from TORCH_INDEX (elsewhere PyPI's default torch can be the CUDA build).
+	$(PIP) install --quiet --no-deps $(TORCH_INDEX) "$$(grep -E '^torch==' requirements/build.txt)"
 	$(PIP) install --quiet --no-deps -r requirements/build.txt
 	$(PIP) install --quiet --no-deps -e common
 	touch $@
@@ -61,7 +62,7 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements/dev.txt
 	$(PIP) install --quiet -r requirements/dev.txt
 	touch $@
 
-venv: $(RUNTIME_STAMP)  ## Create .venv with the runtime and build dependencies.
+venv: $(RUNTIME_STAMP)  ## Create .venv with the runtime (serving) and build (training, export) dependencies.
 
 dev: $(DEV_STAMP)  ## Add the test and lint tools.
 
@@ -145,6 +146,9 @@ clean-cache:  ## Empty the machine's cache of prepared models, downloads and too
 bench: model  ## Cold start and single-request latency over HTTP (bench/latency.py), both functions.
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function sentiment --json bench/results/latency-sentiment.json
 	HF_HUB_OFFLINE=1 $(PY) bench/latency.py --function classify --json bench/results/latency-classify.json
+
+bench-threads: $(DEV_STAMP) model  ## Model workers x intra-op threads x spinning, in process (bench/threads.py).
+	$(PY) bench/threads.py --json bench/results/threads.json
 
 bench-load: $(DEV_STAMP) model  ## Throughput under load vs the seed's naive pattern, table + plot (bench/load.py).
 	HF_HUB_OFFLINE=1 $(PY) bench/load.py --json bench/figures/load.json --plot bench/figures/load.png $(BENCH_ARGS)

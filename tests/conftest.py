@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SENTIMENT_MODEL = Path(os.environ.get("AIFN_TEST_SENTIMENT_MODEL", REPO / "models" / "sentiment"))
+CLASSIFY_MODEL = Path(os.environ.get("AIFN_TEST_CLASSIFY_MODEL", REPO / "models" / "classify"))
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -159,8 +160,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def served_revision(model_dir: Path) -> str:
     """The revision a function reports for ``model_dir`` with the default ``QUANTIZE=auto``."""
-    from aifn import quantize
-    from aifn.model import content_hash
+    from aifn.model import content_hash, served_graph
 
-    plan = quantize.recorded_plan(model_dir)
-    return content_hash(model_dir) + (f"+{plan}" if plan else "")
+    graph, _ = served_graph(model_dir, "auto")
+    return content_hash(model_dir, graph)

@@ -16,8 +16,6 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from aifn import quantize
-
 from .conftest import REPO, served_revision
 
 pytestmark = pytest.mark.integration
@@ -87,12 +85,6 @@ def client(app_and_zero_shot: tuple[Any, Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def float32_client(classify_model_dir: Path) -> Any:
-    """The same function serving float32: scores that do not depend on batch-mates."""
-    return _app_and_zero_shot(classify_model_dir, QUANTIZE="off")[0]
-
-
-@pytest.fixture(scope="module")
 def cache(app_and_zero_shot: tuple[Any, Any]) -> Any:
     return app_and_zero_shot[1].label_cache
 
@@ -154,7 +146,7 @@ def test_clear_topics(client: Any) -> None:
     assert [r["label"] for r in body["results"]] == [want for _, want in CLEAR_TOPICS]
 
 
-def test_descriptions_steer_the_outcome(client: Any, float32_client: Any) -> None:
+def test_descriptions_steer_the_outcome(client: Any) -> None:
     texts = [
         "The server room is on fire",
         "Production database is down and customers cannot log in",
@@ -177,16 +169,15 @@ def test_descriptions_steer_the_outcome(client: Any, float32_client: Any) -> Non
     assert [r["label"] for r in bare][:2] == ["not urgent", "not urgent"]
     assert [r["label"] for r in described] == ["urgent", "urgent", "not urgent"]
 
-    # Describing one label raises its score on a text where the bare label roughly ties with
-    # "politics" (0.42 vs 0.45), and makes it the winner. Measured in float32: under int8 a
-    # label prompt's embedding depends on the texts it was first embedded beside (it is then
-    # cached), which moves this bare score between 0.34 and 0.63, more than a description
-    # does (README, "int8 inference").
-    text, topics = "Unemployment rose for the third month in a row", [*TOPICS, "business"]
-    plain = classify(float32_client, {"text": text, "labels": topics})["results"][0]
-    assert plain["label"] == "politics"
+    # Describing one label raises its score on a text where the bare label loses (to
+    # "technology", whose template embeds closer to "hit its highest level"), and makes it the
+    # winner. (Each text and label prompt is embedded alone, so these scores do not depend on
+    # what else the request or the label cache held.)
+    text, topics = "Inflation hit its highest level in a decade", [*TOPICS, "business"]
+    plain = classify(client, {"text": text, "labels": topics})["results"][0]
+    assert plain["label"] != "business"
     hinted = classify(
-        float32_client,
+        client,
         {
             "text": text,
             "labels": topics,
@@ -203,13 +194,8 @@ def test_single_text_equals_the_same_text_in_a_batch(client: Any) -> None:
     batch = classify(client, {"texts": [CLEAR[0][1], text, CLEAR[2][1]], "labels": TICKETS})
     assert len(single["results"]) == 1
     assert single["results"][0]["label"] == batch["results"][1]["label"] == "bug report"
-    # Exact in float32. The served model runs int8 (QUANTIZE=auto), whose activation scale is
-    # set per forward pass, so batch-mates (other texts, new label prompts) move a score a little:
-    # 2.6e-4 seen here; README, "int8 inference".
-    quantized = quantize.recorded_plan(CLASSIFY_MODEL) is not None
-    assert scores_of(single["results"][0]) == pytest.approx(
-        scores_of(batch["results"][1]), abs=5e-3 if quantized else 1e-5
-    )
+    # The same scores to the last digit shown: each text runs alone, whatever the int8 plan.
+    assert scores_of(single["results"][0]) == scores_of(batch["results"][1])
 
 
 def test_multi_label_scores_are_independent(client: Any) -> None:

@@ -112,7 +112,6 @@ def test_the_runtime_stage_is_what_cloud_run_runs() -> None:
     assert json.loads(cmd.removeprefix("CMD ")) == ["functions-framework"]  # exec form
     env = " ".join(i for i in runtime if i.startswith("ENV "))
     for setting in (
-        "HF_HUB_OFFLINE=1",
         "WORKERS=1",
         "FUNCTION_TARGET=${FUNCTION}",
         "FUNCTION_SIGNATURE_TYPE=http",
@@ -120,7 +119,7 @@ def test_the_runtime_stage_is_what_cloud_run_runs() -> None:
     ):
         assert setting in env.split()
     # The function sizes these from the instance's CPUs; the image must not pin them.
-    assert not re.search(r"\b(THREADS|TORCH_THREADS)=", env)
+    assert not re.search(r"\b(THREADS|MODEL_WORKERS|INTRA_OP_THREADS)=", env)
     assert "PORT=" not in env  # Cloud Run's
 
 
@@ -138,11 +137,31 @@ def test_base_image_and_torch_index_are_pinned_build_arguments() -> None:
     args = dict(i.split(None, 1)[1].split("=", 1) for i in dockerfile_stages()[""] if "=" in i)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", args["BASE_IMAGE"])
     deps = " ".join(dockerfile_stages()["deps"])
-    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in deps
+    # What serving imports only: torch and its index belong to the model stage.
     assert "-r /tmp/requirements/runtime.txt" in deps
+    assert "TORCH" not in deps
+    assert "build.txt" not in deps
     model = " ".join(dockerfile_stages()["model"])
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in model
+    assert "-r /tmp/requirements/build.txt" in model
     assert "ARG MODEL_SOURCE=models/${FUNCTION}" in model
     assert "-m aifn.model_source --source" in model
+    # The image gets only what serving reads of the prepared model.
+    assert "--serving-copy /model" in model
+
+
+def test_the_requirements_split_serving_from_building() -> None:
+    runtime = (REPO / "requirements" / "runtime.txt").read_text(encoding="utf-8")
+    build = (REPO / "requirements" / "build.txt").read_text(encoding="utf-8")
+    pinned = {
+        line.split("==")[0].lower()
+        for line in runtime.splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert {"onnxruntime", "numpy", "tokenizers", "flask", "functions-framework"} <= pinned
+    assert not {"torch", "transformers", "safetensors", "onnx", "huggingface-hub"} & pinned
+    assert re.search(r"^torch==", build, re.M)
+    assert re.search(r"^transformers==", build, re.M)
 
 
 def test_dockerignore_keeps_the_models_and_drops_local_state() -> None:

@@ -280,13 +280,22 @@ def _edit_config(dest: Path, src: Path, **changes: Any) -> None:
     (dest / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
-def _weights_without(src: Path, dest: Path, prefix: str) -> None:
-    from safetensors.torch import load_file, save_file
+def _graph(src: Path) -> str:
+    """The graph a function serves from ``src`` (QUANTIZE=auto)."""
+    from aifn.model import served_graph
 
-    tensors = load_file(src / "model.safetensors")
-    kept = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
-    assert len(kept) < len(tensors), prefix
-    save_file(kept, dest / "model.safetensors", metadata={"format": "pt"})
+    return served_graph(src, "auto")[0]
+
+
+def _link_without_graph(src: Path, dest: Path) -> tuple[Path, Path]:
+    """``src`` linked into ``dest`` but for the served graph; (directory, that graph's path)."""
+    graph = _graph(src)
+    d = _link_model(src, dest, without=("onnx",))
+    (d / "onnx").mkdir()
+    for file in (src / "onnx").iterdir():
+        if file.name != Path(graph).name:
+            (d / "onnx" / file.name).symlink_to(file.resolve())
+    return d, d / graph
 
 
 def _malformed(case: str, tmp: Path, sentiment: Path) -> tuple[str, Path, str]:
@@ -302,30 +311,33 @@ def _malformed(case: str, tmp: Path, sentiment: Path) -> tuple[str, Path, str]:
         d = _link_model(sentiment, tmp / "m", without=("config.json",))
         _edit_config(d, sentiment, id2label=None, label2id=None)
         return "sentiment", d, f"{d / 'config.json'} has no id2label"
-    if case == "weights truncated":
-        d = _link_model(sentiment, tmp / "m", without=("model.safetensors",))
-        with (sentiment / "model.safetensors").open("rb") as f:
-            (d / "model.safetensors").write_bytes(f.read(1 << 20))
-        return "sentiment", d, f"could not load the weights {d / 'model.safetensors'}"
-    if case == "weights without the classifier head":
-        d = _link_model(sentiment, tmp / "m", without=("model.safetensors",))
-        _weights_without(sentiment, d, "classifier.")
-        return "sentiment", d, f"{d / 'model.safetensors'} lacks 2 tensor(s)"
-    if case == "weights of another shape than config.json":
+    if case == "not exported (no ONNX graph)":
+        d = _link_model(sentiment, tmp / "m", without=("onnx",))
+        return "sentiment", d, f"{d} has no onnx/model.onnx: it is not a prepared model directory"
+    if case == "graph truncated":
+        d, graph = _link_without_graph(sentiment, tmp / "m")
+        with (sentiment / _graph(sentiment)).open("rb") as f:
+            graph.write_bytes(f.read(1 << 20))
+        return "sentiment", d, f"could not load the ONNX graph {graph}"
+    if case == "the recorded int8 graph missing":
+        d, graph = _link_without_graph(sentiment, tmp / "m")
+        return "sentiment", d, f"but {graph} is missing; prepare the directory again"
+    if case == "config.json of another model than the graph":
         d = _link_model(sentiment, tmp / "m", without=("config.json",))
-        _edit_config(d, sentiment, hidden_size=768)
-        return "sentiment", d, f"{d / 'model.safetensors'} does not match {d / 'config.json'}"
+        _edit_config(d, sentiment, id2label={"0": "NO", "1": "YES"}, label2id=None)
+        return "sentiment", d, "the ONNX graph scores 3 labels, but config.json's id2label has 2"
     if case == "tokenizer missing":
-        d = _link_model(sentiment, tmp / "m", without=("tokenizer.json", "vocab.txt"))
-        return "sentiment", d, f"{d} has no tokenizer"
+        d = _link_model(sentiment, tmp / "m", without=("tokenizer.json",))
+        return "sentiment", d, f"{d} has no tokenizer.json"
     if case == "tokenizer.json corrupt":
         d = _link_model(sentiment, tmp / "m", without=("tokenizer.json",))
         (d / "tokenizer.json").write_text("not json", encoding="utf-8")
         return "sentiment", d, f"could not load the tokenizer in {d}"
-    if case == "classify: encoder without a layer's weights":
-        d = _link_model(CLASSIFY_MODEL, tmp / "m", without=("model.safetensors",))
-        _weights_without(CLASSIFY_MODEL, d, "encoder.layer.5.")
-        return "classify", d, f"{d / 'model.safetensors'} lacks 16 tensor(s)"
+    if case == "classify: an encoder's config with a classifier's graph":
+        d = _link_model(CLASSIFY_MODEL, tmp / "m", without=("onnx", "aifn-model.json"))
+        (d / "onnx").mkdir()
+        (d / "onnx" / "model.onnx").symlink_to((sentiment / "onnx" / "model.onnx").resolve())
+        return "classify", d, "the ONNX graph has no output 'embeddings'"
     raise AssertionError(case)
 
 
@@ -333,12 +345,13 @@ MALFORMED = [
     "empty directory",
     "config.json not JSON",
     "classifier without labels",
-    "weights truncated",
-    "weights without the classifier head",
-    "weights of another shape than config.json",
+    "not exported (no ONNX graph)",
+    "graph truncated",
+    "the recorded int8 graph missing",
+    "config.json of another model than the graph",
     "tokenizer missing",
     "tokenizer.json corrupt",
-    "classify: encoder without a layer's weights",
+    "classify: an encoder's config with a classifier's graph",
 ]
 
 
@@ -389,7 +402,7 @@ def _start_once(function: str, model_dir: Path, expected: str, logs: Path) -> St
 def malformed_startups(
     sentiment_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Startup]:
-    """Every case started at once (most of each start is importing torch: parallel is faster)."""
+    """Every case started at once (parallel is faster)."""
 
     def run(case: str) -> Startup:
         tmp = tmp_path_factory.mktemp("malformed")
@@ -420,20 +433,6 @@ def test_a_malformed_model_stops_startup_with_one_clear_line(
     # The same line in the structured log, where Cloud Run's log explorer shows it.
     logged = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [e["severity"] for e in logged if run.expected in e.get("message", "")] == ["CRITICAL"]
-
-
-@pytest.mark.timeout(120)
-def test_an_encoder_without_pooler_weights_still_loads(tmp_path: Path) -> None:
-    """The weights check must not refuse what it never runs: mean pooling ignores BERT's pooler."""
-    from aifn.model import TextEncoder
-
-    d = _link_model(CLASSIFY_MODEL, tmp_path / "m", without=("model.safetensors",))
-    _weights_without(CLASSIFY_MODEL, d, "pooler.")
-    options: dict[str, Any] = {"max_tokens": 64, "batch_size": 4, "threads": 1}
-    full = TextEncoder.load(CLASSIFY_MODEL, **options)
-    stripped = TextEncoder.load(d, **options)
-    text = ["The match went to extra time and penalties."]
-    assert (full.embed(text)[0] - stripped.embed(text)[0]).abs().max().item() < 1e-5
 
 
 # -- 4x saturating load -------------------------------------------------------------------------

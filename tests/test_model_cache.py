@@ -19,7 +19,7 @@ import pytest
 from aifn import model_cache, model_source
 from aifn.model import BUILD_INFO, content_hash
 
-from .conftest import REPO
+from .conftest import CLASSIFY_MODEL, REPO
 
 RECIPE = """
 import os, shutil, time
@@ -42,6 +42,9 @@ def build(dest):
     for name in FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / name, dest / name)
+    # The graph the model-source step exported from these weights (exporting again costs seconds).
+    (dest / "onnx").mkdir()
+    shutil.copyfile(os.environ["TINY_GRAPH"], dest / "onnx" / "model.onnx")
     if os.environ.get("TINY_FAIL"):
         raise RuntimeError("build failed on purpose")
     return {"figure": 0.9}
@@ -54,6 +57,7 @@ def recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.write_text(RECIPE)
     monkeypatch.setenv("TINY_BUILD_LOG", str(tmp_path / "builds.log"))
     monkeypatch.setenv("AIFN_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TINY_GRAPH", str(CLASSIFY_MODEL / "onnx" / "model.onnx"))
     return path
 
 
@@ -239,7 +243,7 @@ def test_the_key_covers_name_every_fingerprint_field_and_the_library_versions(
     assert base != model_cache.key("m", {"a": 1, "b": {"c": [2, 1]}})
     assert base != model_cache.key("m", {"a": "1", "b": {"c": [1, 2]}})
     env = model_cache.environment()
-    assert "absent" not in (env["tokenizers"], env["torch"], env["numpy"])
+    assert "absent" not in (env["tokenizers"], env["torch"], env["numpy"], env["onnxruntime"])
     # An upgraded library the recipe's fingerprint does not name is still a new entry.
     monkeypatch.setattr(model_cache, "environment", lambda: {**env, "tokenizers": "99.0"})
     assert base != model_cache.key("m", {"a": 1, "b": {"c": [1, 2]}})

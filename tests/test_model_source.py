@@ -12,7 +12,7 @@ import pytest
 
 from aifn import model_source
 from aifn.errors import ConfigError
-from aifn.model import BUILD_INFO, TextClassifier, content_hash
+from aifn.model import BUILD_INFO, FLOAT32_GRAPH, TextClassifier, content_hash, served_graph
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +63,17 @@ def _copy_model(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_local_source_is_copied_then_cached(sentiment_model_dir: Path, tmp_path: Path) -> None:
-    src = _copy_model(sentiment_model_dir, tmp_path / "src")
+def test_local_source_is_copied_exported_then_cached(
+    sentiment_model_dir: Path, tmp_path: Path
+) -> None:
+    src = _copy_model(sentiment_model_dir, tmp_path / "src")  # the Hugging Face files only
     dest = tmp_path / "models" / "sentiment"
     first = model_source.prepare(str(src), dest)
     assert first["cached"] is False
-    assert content_hash(dest) == content_hash(src)
+    assert (dest / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    # Exported at build time, in float32: a local directory brings no held-out data for plans.
+    assert first["metrics"]["onnx"]["max_abs_difference"] <= 1e-4
+    assert "quantization" not in first["metrics"]
     info = json.loads((dest / BUILD_INFO).read_text())
     assert info["source"] == str(src)
     assert model_source.prepare(str(src), dest)["cached"] is True
@@ -79,13 +84,15 @@ def test_local_source_is_copied_then_cached(sentiment_model_dir: Path, tmp_path:
     assert model_source.prepare(str(src), dest)["cached"] is False
 
 
-def test_a_prepared_local_model_keeps_its_name_and_figures(
+def test_a_prepared_local_model_keeps_its_name_figures_and_graphs(
     sentiment_model_dir: Path, tmp_path: Path
 ) -> None:
     # What the container's model stage does with models/<function>: the copy must serve the same
-    # identity and keep the build record's figures (they carry QUANTIZE=auto's int8 plan).
-    src = _copy_model(sentiment_model_dir, tmp_path / "sentiment")
-    record = {"name": "aifn-sentiment-test", "metrics": {"accuracy": 0.9, "quantization": {}}}
+    # model and keep the build record's figures (they carry QUANTIZE=auto's int8 plan).
+    src = tmp_path / "sentiment"
+    shutil.copytree(sentiment_model_dir, src)
+    record = json.loads((src / BUILD_INFO).read_text())
+    record["name"] = "aifn-sentiment-test"
     (src / BUILD_INFO).write_text(json.dumps(record))
     dest = tmp_path / "image" / "model"
     model_source.prepare(str(src), dest)
@@ -93,8 +100,33 @@ def test_a_prepared_local_model_keeps_its_name_and_figures(
     assert info["name"] == "aifn-sentiment-test"
     assert info["metrics"] == record["metrics"]
     assert info["source"] == str(src)
-    loaded = TextClassifier.load(dest, max_tokens=64, batch_size=8, threads=1)
+    original = TextClassifier.load(sentiment_model_dir, max_tokens=64, threads=1)
+    loaded = TextClassifier.load(dest, max_tokens=64, threads=1)
     assert loaded.identity.name == "aifn-sentiment-test"
+    assert loaded.identity.revision == original.identity.revision
+    assert loaded.plan == original.plan is not None
+
+
+def test_a_serving_copy_holds_only_what_serving_reads(
+    sentiment_model_dir: Path, tmp_path: Path
+) -> None:
+    """What the image gets: no safetensors weights, no float32 graph next to the int8 one."""
+    dest = tmp_path / "model"
+    files = model_source.serving_copy(sentiment_model_dir, dest)
+    graph, plan = served_graph(sentiment_model_dir, "auto")
+    assert plan is not None
+    assert graph in files
+    assert "model.safetensors" not in files
+    assert FLOAT32_GRAPH not in files
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(files)
+    original = TextClassifier.load(sentiment_model_dir, max_tokens=64, threads=1)
+    copy = TextClassifier.load(dest, max_tokens=64, threads=1)
+    assert copy.identity == original.identity
+    text = ["The delivery was late again."]
+    assert copy.probabilities(text) == original.probabilities(text)
+    # Asked for float32, the copy says what is missing instead of serving something else.
+    with pytest.raises(ConfigError, match=r"has no onnx/model\.onnx"):
+        TextClassifier.load(dest, max_tokens=64, quantize="off")
 
 
 def test_a_failing_build_leaves_the_previous_model_untouched(
@@ -144,13 +176,14 @@ def test_gcs_source_against_the_emulator(
     dest = tmp_path / "models" / "sentiment"
     first = model_source.prepare("gs://aifn-models/sentiment/v1", dest)
     assert first["cached"] is False
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*MODEL_FILES, BUILD_INFO])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*MODEL_FILES, BUILD_INFO, "onnx"])
+    # Exported here from the same weights by the same code: the recipe's float32 graph, to the byte.
     assert content_hash(dest) == content_hash(sentiment_model_dir)
 
     # Nothing changed in the bucket: nothing is downloaded again.
     assert model_source.prepare("gs://aifn-models/sentiment/v1", dest)["cached"] is True
 
-    model = TextClassifier.load(dest, max_tokens=64, batch_size=8, threads=1)
+    model = TextClassifier.load(dest, max_tokens=64, threads=1)
     (pred,) = model.predict(["What a wonderful, joyful day!"])
     assert pred.label == "POSITIVE"
 

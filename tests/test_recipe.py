@@ -98,13 +98,15 @@ def test_smoke_training_run_writes_a_standard_model_directory(tmp_path: Path) ->
     assert config["id2label"] == {"0": "NEGATIVE", "1": "NEUTRAL", "2": "POSITIVE"}
     assert (dest / "model.safetensors").stat().st_size > 10_000_000
     assert (dest / "tokenizer.json").is_file()
+    assert (dest / "onnx" / "model.onnx").is_file()
     card = (dest / "README.md").read_text()
     assert "Smoke build" in card
+    assert "## Inference graphs (ONNX Runtime)" in card
     for needle in ("Hutto", "MIT", "Apache-2.0"):
         assert needle in card
     assert metrics["train_examples"] == 96
     assert 0 <= metrics["movie_polar_accuracy"] <= 1
-    model = TextClassifier.load(dest, max_tokens=32, batch_size=4, threads=1)
+    model = TextClassifier.load(dest, max_tokens=32, threads=1)
     assert model.labels == ["NEGATIVE", "NEUTRAL", "POSITIVE"]
     assert len(model.predict(["fine", "bad"])) == 2
 

