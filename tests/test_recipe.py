@@ -93,6 +93,7 @@ def test_macro_f1() -> None:
 @pytest.mark.slow  # the recipe's whole build: the evaluation and int8 plans take a minute
 def test_smoke_training_run_writes_a_standard_model_directory(tmp_path: Path) -> None:
     dest = tmp_path / "smoke"
+    dest.mkdir()  # build's contract: an empty directory, as the model-source step gives it
     metrics = recipe.build(dest, config=SMOKE)
     config = json.loads((dest / "config.json").read_text())
     assert config["id2label"] == {"0": "NEGATIVE", "1": "NEUTRAL", "2": "POSITIVE"}
