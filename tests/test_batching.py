@@ -179,6 +179,22 @@ def test_several_workers_run_batches_at_once() -> None:
     assert b.stats.batches == 4
 
 
+def test_one_request_is_shared_out_among_idle_workers() -> None:
+    """8 texts on 2 idle workers: 4 each, at the same time, answered in the request's order."""
+    both_inside = threading.Barrier(2, timeout=5)
+    calls: list[list[str]] = []
+
+    def run(texts: list[str]) -> list[str]:
+        calls.append(texts)
+        both_inside.wait()  # passes only if the other worker runs the other share meanwhile
+        return [t.upper() for t in texts]
+
+    b = DynamicBatcher(run, max_batch=32, max_wait=0.0, max_queued=64, timeout=10.0, workers=2)
+    texts = [f"t{i}" for i in range(8)]
+    assert b(texts) == [t.upper() for t in texts]
+    assert sorted(len(c) for c in calls) == [4, 4]
+
+
 def test_one_worker_runs_one_batch_at_a_time() -> None:
     inside = 0
     most = 0

@@ -4,7 +4,8 @@ Worker threads own the model (one per vCPU by default, each computing on its own
 Requests hand their texts to the queue and wait; a free worker takes what is queued (up to
 ``max_batch`` texts, waiting at most ``max_wait`` seconds after the oldest text arrived for more
 to come), runs them in one call of the model, and hands each request its own results, in its own
-order. A request's list longer than ``max_batch`` is split; short ones are merged. (The served
+order. A request's list is split into one share per worker (at most ``max_batch`` each), so
+idle workers run it together; short ones are merged. (The served
 models run each text of a call alone, :mod:`aifn.model`: merging saves hand-offs between
 threads, never changes a text's scores.)
 
@@ -134,7 +135,10 @@ class DynamicBatcher(Generic[R]):
         if not texts:
             return []
         deadline = time.monotonic() + self.timeout
-        chunks = [list(texts[i : i + self.max_batch]) for i in range(0, len(texts), self.max_batch)]
+        # A request's texts are shared out among the workers (8 texts on 2 workers: 4 each), so
+        # an idle instance answers a list in the time of its share, not of the whole list.
+        size = min(self.max_batch, -(-len(texts) // self.workers))
+        chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
         with self._cond:
             self._ensure_workers()
             # An empty queue always takes a request, so a large request is never refused forever.
@@ -148,7 +152,7 @@ class DynamicBatcher(Generic[R]):
             jobs: list[_Job[R]] = [_Job(chunk, deadline) for chunk in chunks]
             self._queue.extend(jobs)
             self._queued_texts += len(texts)
-            self._cond.notify()
+            self._cond.notify(len(jobs))  # a worker per share
         results: list[R] = []
         for job in jobs:
             try:
@@ -175,9 +179,11 @@ class DynamicBatcher(Generic[R]):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            # A worker's share of what is queued, so the other workers get the rest at once.
+            share = min(self.max_batch, -(-self._queued_texts // self.workers))
             batch: list[_Job[R]] = []
             size = 0
-            while self._queue and (not batch or size + len(self._queue[0].texts) <= self.max_batch):
+            while self._queue and (not batch or size + len(self._queue[0].texts) <= share):
                 job = self._queue.popleft()
                 batch.append(job)
                 size += len(job.texts)

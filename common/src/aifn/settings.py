@@ -177,7 +177,8 @@ class Settings:
 
     model_dir: Path = setting(
         "MODEL_DIR",
-        "Directory of the prepared Hugging Face model the function serves. Read once at startup; "
+        "Directory of the prepared model the function serves (its exported ONNX graphs, config and "
+        "tokenizer: `make model`). Read once at startup; "
         "the process exits with an error if it is missing or malformed.",
         shown_default="`models/<function>/` at the repository root",
         parse=_path,
@@ -205,9 +206,10 @@ class Settings:
     )
     inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",
-        "Most texts a model worker takes from the queue at once. Concurrent requests' texts are "
-        "merged into takes of up to this size (a longer request is split); each text still runs "
-        "alone, in its own forward pass, so its scores never depend on the texts beside it.",
+        "Most texts a model worker takes from the queue at once. A request's texts are shared "
+        "out among the workers, concurrent requests' texts merged into takes of up to this size; "
+        "each text still runs alone, in its own forward pass, so its scores never depend on the "
+        "texts beside it.",
         32,
         parse=positive_int,
     )
