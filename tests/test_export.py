@@ -130,7 +130,7 @@ def test_the_served_int8_graph_keeps_the_answers(
     )
 
 
-@pytest.mark.slow  # quantizes and measures three plans
+@pytest.mark.slow  # quantizes and measures four plans
 def test_choose_takes_the_first_plan_within_the_tolerance(
     sentiment_model_dir: Path, tmp_path: Path
 ) -> None:
