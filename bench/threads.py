@@ -28,12 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime
 from benchlib import REPO
 from loadgen import SAMPLES
 
-from aifn.model import Tokenizer, served_graph, session_options
+from aifn.model import (
+    ModelIdentity,
+    TextClassifier,
+    Tokenizer,
+    read_config,
+    served_graph,
+    session_options,
+)
 
 CONFIGS = [  # (workers, intra-op threads, spinning)
     (2, 1, False),
@@ -49,12 +55,19 @@ class Config:
         options = session_options(threads)
         if spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        graph, _ = served_graph(model_dir, "auto")
-        self.session = onnxruntime.InferenceSession(
+        graph, plan = served_graph(model_dir, "auto")
+        session = onnxruntime.InferenceSession(
             str(model_dir / graph), options, providers=["CPUExecutionProvider"]
         )
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.tokenizer = Tokenizer(model_dir, 256)
+        # The served model's own code around a session with this configuration's options.
+        self.model = TextClassifier(
+            session,
+            Tokenizer(model_dir, 256),
+            ModelIdentity(model_dir.name, graph),
+            read_config(model_dir),
+            max_tokens=256,
+            plan=plan,
+        )
         self.serial = itertools.count()
         self.lone: list[float] = []
         self.busy: list[float] = []
@@ -64,11 +77,7 @@ class Config:
         return f"{self.workers} x {self.threads}" + (", spinning" if self.spinning else "")
 
     def run(self, text: str) -> None:
-        ((ids, types, _),) = self.tokenizer.encode([text])
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        if "token_type_ids" in self.inputs:
-            feeds["token_type_ids"] = types
-        self.session.run(None, feeds)
+        self.model.forward([text])
 
     def text(self) -> str:
         n = next(self.serial)
