@@ -92,7 +92,8 @@ def test_the_graph_computes_what_the_trained_model_does(
 
 
 def test_plans_quantize_the_weight_products_they_name(sentiment_model_dir: Path) -> None:
-    products = export.weight_products(sentiment_model_dir / FLOAT32_GRAPH)
+    nodes = export.quantizable(sentiment_model_dir / FLOAT32_GRAPH)
+    products = nodes.products
     layers = 6  # the trained layers; the pooling layer is a mean in the graph, with no weights
     assert len(products) == 6 * layers, products  # query, key, value, output, ffn in, ffn out
     # Products of two activations (attention scores) are never among them.
@@ -107,7 +108,7 @@ def test_plans_quantize_the_weight_products_they_name(sentiment_model_dir: Path)
     assert len(selected["int8-attention"]) == 4 * layers
     assert all("/attention/" in n for n in selected["int8-attention"])
     # Every plan stores the word embeddings in int8 too; the small position table stays float.
-    tables = export.embedding_tables(sentiment_model_dir / FLOAT32_GRAPH)
+    tables = nodes.tables
     assert len(tables) == 1
     assert "word_embeddings" in tables[0]
 

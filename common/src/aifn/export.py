@@ -42,6 +42,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -357,41 +358,49 @@ def export(path: Path) -> dict[str, Any]:
         "output": output,
         "pooling_layer_as_mean": shortcut,
         "max_abs_difference": float(f"{worst:.3g}"),
-        "graph_mb": round(target.stat().st_size / 1e6, 1),
+        "graph_mb": _megabytes(target),
         "export_seconds": round(time.perf_counter() - started, 1),
     }
     log.info("exported %s to ONNX: %s", path, record)
     return record
 
 
-def weight_products(graph_path: Path) -> list[str]:
-    """Names of the graph's MatMul nodes whose second input is a weight (an initializer)."""
-    import onnx
-
-    graph = onnx.load(str(graph_path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return [
-        node.name
-        for node in graph.node
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights
-    ]
-
-
 # A lookup table this large (elements) is the word embeddings, not a position or type table.
 _LARGE_TABLE = 1 << 20
 
 
-def embedding_tables(graph_path: Path) -> list[str]:
-    """Names of the Gather nodes that look up rows of a large weight table (word embeddings)."""
+@dataclass(frozen=True)
+class Quantizable:
+    """A float32 graph's nodes the plans choose from, each list in graph order."""
+
+    # MatMul nodes whose second input is a weight (an initializer).
+    products: list[str]
+    # Gather nodes that look up rows of a large weight table (the word embeddings).
+    tables: list[str]
+
+
+def quantizable(graph_path: Path) -> Quantizable:
+    """What the plans may quantize in the graph at ``graph_path`` (read once)."""
     import onnx
 
     graph = onnx.load(str(graph_path), load_external_data=False).graph
     sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
-    return [
-        node.name
-        for node in graph.node
-        if node.op_type == "Gather" and sizes.get(node.input[0], 0) >= _LARGE_TABLE
-    ]
+    return Quantizable(
+        products=[
+            node.name
+            for node in graph.node
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in sizes
+        ],
+        tables=[
+            node.name
+            for node in graph.node
+            if node.op_type == "Gather" and sizes.get(node.input[0], 0) >= _LARGE_TABLE
+        ],
+    )
+
+
+def _megabytes(file: Path) -> float:
+    return round(file.stat().st_size / 1e6, 1)
 
 
 def _is_ffn_out(name: str) -> bool:
@@ -412,17 +421,20 @@ def selected(plan: str, products: Sequence[str]) -> list[str]:
     raise ValueError(f"unknown quantization plan {plan!r}")
 
 
-def quantize(path: Path, plan: str) -> str | None:
-    """Write ``plan``'s int8 graph beside the float32 one; its file, or None if it selects none."""
+def quantize(path: Path, plan: str, nodes: Quantizable) -> str | None:
+    """Write ``plan``'s int8 graph beside the float32 one; its file, or None if it selects none.
+
+    ``nodes`` is :func:`quantizable` of the float32 graph.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source = path / FLOAT32_GRAPH
-    nodes = selected(plan, weight_products(source))
-    if not nodes:
+    chosen = selected(plan, nodes.products)
+    if not chosen:
         return None
     # The word embeddings too: half of a MiniLM's weights, looked up (not multiplied), so int8
     # rows cost no time; measured on the sentiment model, no accuracy either.
-    nodes += embedding_tables(source)
+    chosen += nodes.tables
     graph = plan_graph(plan)
     root = logging.getLogger()
     level = root.level
@@ -433,7 +445,7 @@ def quantize(path: Path, plan: str) -> str | None:
             path / graph,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            nodes_to_quantize=nodes,
+            nodes_to_quantize=chosen,
             op_types_to_quantize=["MatMul", "Gather"],
             extra_options={"MatMulConstBOnly": True},
         )
@@ -479,11 +491,12 @@ def choose(
     """
     float32 = load(FLOAT32_GRAPH)
     full = evaluate(float32)
+    nodes = quantizable(path / FLOAT32_GRAPH)
     results: list[dict[str, Any]] = []
     models: list[M] = [float32]
     chosen = None
     for plan in plans:
-        graph = quantize(path, plan)
+        graph = quantize(path, plan, nodes)
         if graph is None:
             log.info("plan %s matches no weight product in this graph; skipped", plan)
             continue
@@ -495,7 +508,7 @@ def choose(
                 "plan": plan,
                 metric: figure,
                 "drop_points": drop,
-                "graph_mb": round((path / graph).stat().st_size / 1e6, 1),
+                "graph_mb": _megabytes(path / graph),
             }
         )
         models.append(model)
@@ -512,7 +525,7 @@ def choose(
         "float32": {
             metric: full,
             "texts_per_second": speeds[0],
-            "graph_mb": round((path / FLOAT32_GRAPH).stat().st_size / 1e6, 1),
+            "graph_mb": _megabytes(path / FLOAT32_GRAPH),
         },
         "plans": results,
         "probe_texts": len(probe),
