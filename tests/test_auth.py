@@ -92,9 +92,13 @@ def test_guard_refuses_missing_and_wrong_keys() -> None:
         ("203.0.113.5", 2, "203.0.113.5"),  # fewer entries than hops: the leftmost
         ("203.0.113.5", 0, "10.1.2.3"),  # 0: the TCP peer
         (None, 1, "10.1.2.3"),
-        ("2001:db8:1:2:3:4:5:6", 1, "2001:db8:1:2::/64"),  # IPv6 per /64
+        ("2001:db8:1:2:3:4:5:6", 1, "2001:db8:1::/56"),  # IPv6 per /56 (RATE_LIMIT_IPV6_PREFIX)
         ("::ffff:203.0.113.5", 1, "203.0.113.5"),
-        ("not-an-ip", 1, "not-an-ip"),
+        # An entry that is not an address is never an identity a caller could vary at will:
+        # the nearest valid entry to its right (written by a proxy we trust) counts instead.
+        ("not-an-ip", 1, "10.1.2.3"),
+        ("6.6.6.6, not-an-ip-1, 203.0.113.5", 2, "203.0.113.5"),
+        ("garbage-7, 203.0.113.5, 130.211.0.1", 2, "203.0.113.5"),
     ],
 )
 def test_client_address(xff: str | None, hops: int, expected: str) -> None:
@@ -102,15 +106,80 @@ def test_client_address(xff: str | None, hops: int, expected: str) -> None:
     assert client_address(request(headers), hops) == expected
 
 
+def test_random_junk_at_the_counted_hop_is_one_budget_not_many() -> None:
+    """With two hops a direct request writes the counted entry; junk there varied per request
+    must not buy a fresh budget each time (the address Cloud Run wrote is charged)."""
+    guard = Guard(limiter=RateLimiter(Rate(2, 60), function="t"), forwarded_hops=2)
+    statuses = []
+    for i in range(4):
+        try:
+            guard.check(request({"X-Forwarded-For": f"junk-{i}, 203.0.113.5"}))
+            statuses.append(200)
+        except RateLimited:
+            statuses.append(429)
+    assert statuses == [200, 200, 429, 429]
+
+
+def test_ipv6_clients_are_grouped_at_the_configured_prefix() -> None:
+    """A /48 holder may use 65,536 /64s: each must not be a budget of its own."""
+    guard = Guard(limiter=RateLimiter(Rate(3, 60), function="t"))
+    in_one_56 = [f"2001:db8:1:{n:x}::1" for n in (0, 0x12, 0xFF)]  # three /64s of one /56
+    for address in in_one_56:
+        guard.check(request({"X-Forwarded-For": address}))
+    with pytest.raises(RateLimited):
+        guard.check(request({"X-Forwarded-For": "2001:db8:1:ab::9"}))
+    # Another /56 of the same /48 is another site: its own budget at the default prefix...
+    assert guard.check(request({"X-Forwarded-For": "2001:db8:1:100::1"}))
+    # ...and the same one at /48.
+    wide = Guard(limiter=RateLimiter(Rate(1, 60), function="t"), ipv6_prefix=48)
+    wide.check(request({"X-Forwarded-For": "2001:db8:1:100::1"}))
+    with pytest.raises(RateLimited):
+        wide.check(request({"X-Forwarded-For": "2001:db8:1:ff00::1"}))
+    assert (
+        client_address(request({"X-Forwarded-For": "2001:db8:1:ff00::1"}), 1, 48)
+        == "2001:db8:1::/48"
+    )
+
+
+def test_ipv6_prefix_setting() -> None:
+    env = {"RATE_LIMIT_IPV6_PREFIX": "48"}
+    assert Settings.from_env(default_model_dir=Path("/m"), environ=env).rate_limit_ipv6_prefix == 48
+    assert Settings.from_env(default_model_dir=Path("/m"), environ={}).rate_limit_ipv6_prefix == 56
+    for bad in ("8", "129", "x"):
+        with pytest.raises(ConfigError, match=r"^RATE_LIMIT_IPV6_PREFIX="):
+            Settings.from_env(default_model_dir=Path("/m"), environ={"RATE_LIMIT_IPV6_PREFIX": bad})
+
+
 def test_iam_caller_is_read_only_when_iam_is_required() -> None:
     token = id_token({"email": "backend@proj.iam.gserviceaccount.com", "sub": "1234"})
     req = request({"Authorization": f"Bearer {token}", "X-Forwarded-For": "203.0.113.5"})
-    assert iam_caller(req) == "backend@proj.iam.gserviceaccount.com"
-    assert Guard(iam_required=True).identity(req) == "iam:backend@proj.iam.gserviceaccount.com"
+    assert iam_caller(req) == "1234"
+    assert Guard(iam_required=True).identity(req) == "iam:1234"
     # Without IAM in front, anyone can write that header: the address counts instead.
     assert Guard(iam_required=False).identity(req) == "addr:203.0.113.5"
     # An API key, when the mode is on, wins over both.
     assert Guard(iam_required=True).identity(req, key="abc") == "key:abc"
+
+
+def test_one_iam_principal_is_one_budget_with_or_without_email() -> None:
+    """A token carries `email` only with the email scope: the same principal (same `sub`)
+    must not get a second budget, nor a second cache scope, by leaving it out."""
+    sub = "107523418765432109876"
+    with_email = id_token({"email": "backend@proj.iam.gserviceaccount.com", "sub": sub})
+    without = id_token({"sub": sub})
+    guard = Guard(iam_required=True, limiter=RateLimiter(Rate(2, 60), function="t"))
+    for token in (with_email, without):
+        guard.check(request({"Authorization": f"Bearer {token}"}))
+    with pytest.raises(RateLimited):
+        guard.check(request({"Authorization": f"Bearer {with_email}"}))
+    callers = {
+        guard.caller(request({"Authorization": f"Bearer {t}"})) for t in (with_email, without)
+    }
+    assert callers == {guard.caller(request({"Authorization": f"Bearer {without}"}))}
+    # A token without `sub` names nobody: the address counts.
+    no_sub = id_token({"email": "backend@proj.iam.gserviceaccount.com"})
+    req = request({"Authorization": f"Bearer {no_sub}", "X-Forwarded-For": "203.0.113.5"})
+    assert guard.identity(req) == "addr:203.0.113.5"
 
 
 def test_iam_caller_prefers_the_header_cloud_run_checked() -> None:
@@ -129,6 +198,43 @@ def test_a_malformed_token_falls_back_to_the_address(header: str) -> None:
     req = request({"Authorization": header, "X-Forwarded-For": "203.0.113.5"})
     assert iam_caller(req) is None
     assert Guard(iam_required=True).identity(req) == "addr:203.0.113.5"
+
+
+def test_wrong_keys_are_rate_limited_per_address_without_touching_a_keys_budget() -> None:
+    guard = Guard(api_keys=ApiKeys([OLD_KEY]), limiter=RateLimiter(Rate(2, 60), function="t"))
+    guesser = {"X-Forwarded-For": "198.51.100.66"}
+    outcomes = []
+    for n in range(4):
+        headers = {**guesser, "X-API-Key": f"guess-{n:020d}"} if n % 2 else guesser
+        try:
+            guard.check(request(headers))
+        except (Unauthorized, RateLimited) as exc:
+            outcomes.append((exc.status, exc.headers.get("RateLimit-Remaining")))
+    # Missing and wrong keys alike: 401 while the address has budget, then 429.
+    assert outcomes == [(401, "1"), (401, "0"), (429, "0"), (429, "0")]
+    # The key's own budget, from the same address, is untouched; another address is too.
+    assert guard.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "1"
+    with pytest.raises(Unauthorized):
+        guard.check(request({"X-Forwarded-For": "198.51.100.67", "X-API-Key": WRONG_KEY}))
+
+
+def test_the_caller_names_the_cache_scope_never_the_raw_key() -> None:
+    keyed = Guard(api_keys=ApiKeys([OLD_KEY, NEW_KEY]))
+    old = keyed.admit(request({"X-API-Key": OLD_KEY}))
+    new = keyed.admit(request({"X-API-Key": NEW_KEY}))
+    assert old.scope == f"key:{key_id(OLD_KEY)}"
+    assert OLD_KEY not in old.scope
+    assert old.scope != new.scope
+    token = id_token({"sub": "42", "email": "a@b.c"})
+    iam = Guard(iam_required=True).admit(request({"Authorization": f"Bearer {token}"}))
+    assert (iam.limit, iam.scope) == ("iam:42", "iam:42")
+    # Anonymous: the address; the scope is narrower than the budget for IPv6 (one /64 each).
+    anon = Guard()
+    a = anon.admit(request({"X-Forwarded-For": "2001:db8:1:2::1"}))
+    b = anon.admit(request({"X-Forwarded-For": "2001:db8:1:3::1"}))
+    assert a.limit == b.limit == "addr:2001:db8:1::/56"
+    assert (a.scope, b.scope) == ("addr:2001:db8:1:2::/64", "addr:2001:db8:1:3::/64")
+    assert anon.admit(request({"X-Forwarded-For": "203.0.113.5"})).scope == "addr:203.0.113.5"
 
 
 def test_limited_by_key_not_by_address() -> None:
@@ -173,6 +279,29 @@ def test_without_a_current_key_401_before_the_body_is_read(server: Server) -> No
             "status": 401,
         }
         assert response_headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
+
+
+@pytest.mark.integration
+def test_key_guessing_is_rate_limited_per_address(server: Server) -> None:
+    guesser = "198.51.100.77"
+    statuses = [
+        server.request(
+            "POST",
+            ENDPOINT,
+            {"text": "Fine."},
+            headers={"X-API-Key": f"guess-{n:020d}", "X-Forwarded-For": guesser},
+        )[0]
+        for n in range(5)
+    ]
+    assert statuses == [401, 401, 401, 429, 429]  # was 401 forever: guesses were free
+    # A real key from that address has its own budget.
+    status = server.request(
+        "POST",
+        ENDPOINT,
+        {"text": "Fine."},
+        headers={"X-API-Key": NEW_KEY, "X-Forwarded-For": guesser},
+    )[0]
+    assert status == 200
 
 
 @pytest.mark.integration

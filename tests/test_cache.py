@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from aifn import cache
-from aifn.cache import CircuitBreaker, MemoryBackend, PredictionCache, RedisBackend
+from aifn.cache import (
+    BATCH_SCOPE,
+    CircuitBreaker,
+    MemoryBackend,
+    PredictionCache,
+    RedisBackend,
+    caller_scope,
+)
 from aifn.errors import ConfigError
 from aifn.model import Scores
 from aifn.settings import Settings
@@ -114,6 +121,82 @@ def test_model_revision_and_parameters_are_part_of_the_key() -> None:
     run(old, ["t"], model, {"prompts": ["a", "b", "d"]})
     assert run(old, ["t"], model, {"prompts": ["a", "b", "c"]})[0][1] is True
     assert len(model.calls) == 3
+
+
+def test_a_caller_only_hits_entries_its_own_identity_wrote() -> None:
+    c, model = memory_cache(), Model()
+    with caller_scope("key:aaaaaaaaaaaa"):
+        assert run(c, ["my secret text"], model)[0][1] is False
+        assert run(c, ["my secret text"], model)[0][1] is True
+    with caller_scope("key:bbbbbbbbbbbb"):  # someone else asking: no trace of the first
+        assert run(c, ["my secret text"], model)[0][1] is False
+    # Outside any request (a batch file) is a scope of its own, too.
+    assert run(c, ["my secret text"], model)[0][1] is False
+    assert len(model.calls) == 3
+    assert c.describe()["scope"] == "caller"
+
+
+def test_concurrent_misses_of_two_callers_are_not_coalesced() -> None:
+    """Waiting on another caller's computation would leak it through timing: never shared."""
+    c = memory_cache()
+    started, release = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def slow(texts: list[str]) -> list[Scores]:
+        calls.append(list(texts))
+        started.set()
+        release.wait(10)
+        return [Scores((0.2, 0.3, 0.5), False) for _ in texts]
+
+    def ask(scope: str) -> None:
+        with caller_scope(scope):
+            c.get_or_compute(["same"], params=None, width=3, compute=slow)
+
+    first = threading.Thread(target=ask, args=("addr:203.0.113.1",))
+    first.start()
+    started.wait(10)
+    second = threading.Thread(target=ask, args=("addr:203.0.113.2",))
+    second.start()
+    time.sleep(0.2)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == [["same"], ["same"]]
+    assert c.stats.coalesced == 0
+
+
+def test_shared_scope_is_one_namespace_with_the_old_keys() -> None:
+    backend, model = MemoryBackend(100), Model()
+    shared = PredictionCache(backend, namespace="sentiment:sha256:aaaa", ttl=60, scope="shared")
+    with caller_scope("key:aaaaaaaaaaaa"):
+        run(shared, ["t"], model)
+        key = shared.key("t", None)
+    with caller_scope("key:bbbbbbbbbbbb"):
+        assert run(shared, ["t"], model)[0][1] is True
+    assert run(shared, ["t"], model)[0][1] is True  # batch files too
+    assert len(model.calls) == 1
+    assert key.count(":") == 3  # aifn:v1:<function>:<hash>, as before scopes existed
+    scoped = PredictionCache(backend, namespace="sentiment:sha256:aaaa", ttl=60)
+    with caller_scope("key:aaaaaaaaaaaa"):
+        own = scoped.key("t", None)
+    with caller_scope("key:bbbbbbbbbbbb"):
+        other = scoped.key("t", None)
+    # aifn:v1:<function>:<scope hash>:<hash>: a caller's entries share a prefix, which names
+    # nobody (no key, address or principal in clear).
+    assert own.count(":") == other.count(":") == 4
+    assert own.rsplit(":", 1)[0] != other.rsplit(":", 1)[0]
+    assert "aaaaaaaaaaaa" not in own
+
+
+def test_cache_scope_setting() -> None:
+    assert cache.from_settings(settings(), function="f", revision="r").scope == "caller"
+    assert (
+        cache.from_settings(settings(CACHE_SCOPE="shared"), function="f", revision="r").scope
+        == "shared"
+    )
+    with pytest.raises(ConfigError, match=r"^CACHE_SCOPE="):
+        settings(CACHE_SCOPE="everyone")
+    assert cache.current_scope() == BATCH_SCOPE
 
 
 def test_concurrent_identical_misses_compute_once() -> None:
@@ -292,6 +375,62 @@ def test_redis_over_tls_with_the_ca_certificate(tmp_path: Path) -> None:
         assert untrusted.describe()["errors"]["read"] == 1
     finally:
         server.kill()
+
+
+def test_every_ca_of_a_rotating_memorystore_is_trusted(tmp_path: Path) -> None:
+    """Memorystore lists two server CAs during a rotation; the server may present a certificate
+    from either. Whatever way the bundle was joined, every CA in it is trusted."""
+    trustme = pytest.importorskip("trustme")
+    old, new = trustme.CA(), trustme.CA()
+    cert = new.issue_cert("127.0.0.1")  # the server already moved to the new CA
+    cert_file, key_file, ca_file = tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    new.cert_pem.write_to_path(str(ca_file))
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path,
+        *("--port", "0", "--tls-port", str(tls_port)),
+        *("--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file)),
+        *("--tls-ca-cert-file", str(ca_file), "--tls-auth-clients", "no"),
+    )
+    server.start()
+    try:
+        pems = [ca.cert_pem.bytes().decode("ascii").strip() for ca in (old, new)]
+        bundles = {
+            "one per line": "\n".join(pems) + "\n",
+            "joined with nothing between": "".join(pems),
+            "CRLF": "\r\n".join(pems).replace("\n", "\r\n"),
+            "one-line with \\n escapes": "".join(pems).replace("\n", "\\n"),
+        }
+        model = Model()
+        for name, pem in bundles.items():
+            assert len(cache.ca_bundle(pem)) == 2, name
+            memorystore = redis_cache(
+                REDIS_HOST="127.0.0.1", REDIS_PORT=str(tls_port), REDIS_CA_CERT=pem
+            )
+            run(memorystore, [name], model)
+            assert run(memorystore, [name], model)[0][1] is True, name
+            assert memorystore.describe()["errors"] == {}, name
+            bundle_file = tmp_path / "bundle.pem"
+            bundle_file.write_text(pem)
+            url = redis_cache(
+                REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0", REDIS_CA_CERT=str(bundle_file)
+            )
+            assert run(url, [name], model)[0][1] is True, name
+        # Only the old CA: the server is not trusted (a miss, never an error).
+        only_old = redis_cache(
+            REDIS_HOST="127.0.0.1", REDIS_PORT=str(tls_port), REDIS_CA_CERT=pems[0]
+        )
+        assert run(only_old, ["one per line"], model)[0][1] is False
+    finally:
+        server.kill()
+
+
+def test_a_ca_setting_without_a_certificate_is_a_configuration_error() -> None:
+    for value in ("-----BEGIN CERTIFICATE-----\n-----END", "-----BEGIN PRIVATE KEY-----\nAA=="):
+        with pytest.raises(ConfigError, match="REDIS_CA_CERT"):
+            redis_cache(REDIS_HOST="127.0.0.1", REDIS_CA_CERT=value)
 
 
 def test_missing_ca_file_is_a_configuration_error() -> None:

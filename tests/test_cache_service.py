@@ -76,6 +76,47 @@ def test_instances_share_redis(servers: list[Server]) -> None:
     assert (health["cache"]["backend"], health["cache"]["state"]) == ("redis", "closed")
 
 
+def test_a_caller_never_learns_what_another_sent(servers: list[Server]) -> None:
+    """Two instances on one Redis: the same caller hits on either, another caller never does."""
+    a, b = servers
+    secret = {"text": "My account number is 12345678 and I want to close it."}
+    alice, mallory = {"X-Forwarded-For": "203.0.113.10"}, {"X-Forwarded-For": "198.51.100.99"}
+    assert a.request("POST", ENDPOINT, secret, headers=alice)[1]["results"][0]["cached"] is False
+    _, probe, _ = b.request("POST", ENDPOINT, secret, headers=mallory)
+    assert probe["results"][0]["cached"] is False  # was True: the text's presence leaked
+    assert b.request("POST", ENDPOINT, secret, headers=alice)[1]["results"][0]["cached"] is True
+    _, health, _ = a.request("GET", "/v1/health")
+    assert health["cache"]["scope"] == "caller"
+
+
+def test_api_key_callers_have_their_own_cache_and_shared_scope_shares(
+    sentiment_model_dir: Path, tmp_path: Path
+) -> None:
+    keys = ["key-one-0123456789abcdef", "key-two-0123456789abcdef"]
+    text = {"text": "The refund for order 991 never arrived."}
+    (tmp_path / "caller").mkdir()
+    (tmp_path / "shared").mkdir()
+    scoped = start_server(sentiment_model_dir, tmp_path / "caller", API_KEYS=",".join(keys))
+    try:
+        one, two = ({"X-API-Key": k} for k in keys)
+        first = scoped.request("POST", ENDPOINT, text, headers=one)[1]
+        assert first["results"][0]["cached"] is False
+        assert scoped.request("POST", ENDPOINT, text, headers=one)[1]["results"][0]["cached"]
+        # Same address, another key: another tenant.
+        assert not scoped.request("POST", ENDPOINT, text, headers=two)[1]["results"][0]["cached"]
+    finally:
+        stop(scoped)
+    shared = start_server(sentiment_model_dir, tmp_path / "shared", CACHE_SCOPE="shared")
+    try:
+        first = shared.request("POST", ENDPOINT, text, headers={"X-Forwarded-For": "203.0.113.1"})
+        assert first[1]["results"][0]["cached"] is False
+        other = shared.request("POST", ENDPOINT, text, headers={"X-Forwarded-For": "198.51.100.1"})
+        assert other[1]["results"][0]["cached"] is True
+        assert shared.request("GET", "/v1/health")[1]["cache"]["scope"] == "shared"
+    finally:
+        stop(shared)
+
+
 def test_redis_killed_and_restarted_under_load_fails_no_request(
     servers: list[Server], redis_server: RedisServer
 ) -> None:

@@ -20,6 +20,7 @@ from aifn.ratelimit import (
     RateLimiter,
     from_settings,
     parse_rate,
+    work_units,
 )
 from aifn.settings import Settings
 
@@ -108,6 +109,52 @@ def test_memory_bucket_bursts_then_refills() -> None:
     assert [buckets.take("a")[0] for _ in range(4)] == [True, True, True, False]
 
 
+def test_work_is_one_unit_per_text_capped_and_at_least_one() -> None:
+    assert work_units({"text": "one"}, max_texts=64) == 1
+    assert work_units({"texts": ["a"] * 10}, max_texts=64) == 10
+    assert work_units({"texts": ["a"] * 500}, max_texts=64) == 64  # refused by validation anyway
+    for malformed in ({"texts": []}, {"texts": "a"}, "text", None, [1, 2, 3]):
+        assert work_units(malformed, max_texts=64) == 1
+
+
+def test_a_request_is_charged_per_unit_in_two_steps() -> None:
+    """One unit before the body, the rest after: a 10-text request spends 10 tokens."""
+    lim = RateLimiter(Rate(12, 60.0), function="t")
+    assert lim.check("c").remaining == 11
+    decision = lim.charge("c", 10)
+    assert (decision.allowed, decision.remaining) == (True, 2)
+    # 2 left: a 3-text request gets past its first unit, then is refused for the rest...
+    assert lim.check("c").allowed
+    refused = lim.charge("c", 3)
+    assert not refused.allowed
+    # ...keeping that unit spent (its body was read), and told when the whole request passes:
+    # 1 token now, 3 needed, at 0.2 per second.
+    assert refused.remaining == 1
+    assert refused.retry_after == 10
+    assert refused.headers()["Retry-After"] == "10"
+    assert lim.describe()["limited"] == 1
+    assert lim.describe()["units"] == 11  # 1 + 9 + the refused request's first
+
+
+def test_a_request_bigger_than_the_budget_runs_on_a_full_bucket_into_debt() -> None:
+    clock = Clock()
+    lim = RateLimiter(Rate(4, 4.0), function="t", memory=MemoryBuckets(Rate(4, 4.0), clock=clock))
+    assert lim.check("c").allowed
+    big = lim.charge("c", 10)  # never fits in a bucket of 4: admitted when full...
+    assert (big.allowed, big.remaining) == (True, 0)
+    assert big.reset == 10  # ...leaving it 6 in debt: full again in 10 s at 1 per second
+    nxt = lim.check("c")
+    assert (nxt.allowed, nxt.retry_after) == (False, 7)  # -6 to 1 token
+    clock.now += 7
+    assert lim.check("c").allowed
+    # Half full, a big one waits for a full bucket.
+    clock.now += 2
+    assert lim.check("c").allowed
+    refused = lim.charge("c", 10)
+    assert not refused.allowed
+    assert refused.retry_after == 3  # 1 token left, 4 needed
+
+
 def test_memory_buckets_are_bounded_and_forget_idle_clients() -> None:
     clock = Clock()
     buckets = MemoryBuckets(Rate(5, 60.0), max_clients=100, clock=clock)
@@ -161,6 +208,30 @@ def test_redis_bucket_bursts_refills_and_never_stores_the_identity(
     assert keys[0].startswith("aifn:rl:v1:sentiment:")
     # The key lives until the bucket would be full again (under 1 s here) plus a second.
     assert 0 < admin.pttl(keys[0]) <= 2000
+    admin.close()
+
+
+def test_redis_charges_units_and_debt_like_memory(redis_server: RedisServer) -> None:
+    lim = limiter(RATE_LIMIT="12/minute", REDIS_URL=redis_server.url)
+    assert lim.check("c").remaining == 11
+    decision = lim.charge("c", 10)
+    assert (decision.allowed, decision.remaining, decision.backend) == (True, 2, "redis")
+    assert lim.check("c").allowed
+    refused = lim.charge("c", 3)
+    assert (refused.allowed, refused.remaining, refused.backend) == (False, 1, "redis")
+    assert refused.retry_after == 10
+    # Bigger than the bucket: admitted full, then in debt (shared by every instance).
+    other = limiter(RATE_LIMIT="4/4s", REDIS_URL=redis_server.url)
+    assert other.check("d").allowed
+    big = other.charge("d", 10)
+    assert (big.allowed, big.remaining) == (True, 0)
+    assert 9 <= big.reset <= 10
+    nxt = limiter(RATE_LIMIT="4/4s", REDIS_URL=redis_server.url).check("d")
+    assert (nxt.allowed, nxt.backend) == (False, "redis")
+    assert 6 <= nxt.retry_after <= 7
+    admin = redis.Redis(port=redis_server.port)
+    # The key lives until the debt is paid and the bucket full, plus a second.
+    assert 9_000 < admin.pttl(other.key("d")) <= 11_000
     admin.close()
 
 
@@ -344,6 +415,30 @@ def test_a_refused_bad_request_still_counts_and_carries_the_headers(
     )
     assert (status, body["error"]["type"]) == (422, "invalid_request")
     assert headers["RateLimit-Remaining"] == "2"
+
+
+@pytest.mark.integration
+def test_each_text_is_a_unit_of_the_budget(servers: list[Server]) -> None:
+    a, b = servers
+    texts = {"texts": ["Fine.", "Broken.", "Late again."]}
+    status, _, headers = post(a, "198.51.100.20", texts)
+    assert (status, headers["RateLimit-Remaining"]) == (200, "0")  # three texts: the budget
+    status, body, headers = post(b, "198.51.100.20")
+    assert (status, body["error"]["type"]) == (429, "rate_limited")
+    # Two texts with one token left: refused once the body is read, Retry-After for both.
+    post(a, "198.51.100.21", {"texts": ["One.", "Two."]})
+    status, body, headers = post(b, "198.51.100.21", {"texts": ["Three.", "Four."]})
+    assert (status, body["error"]["type"]) == (429, "rate_limited")
+    assert "2 units of work" in body["error"]["message"]
+    assert headers["RateLimit-Remaining"] == "0"
+    assert 39 <= int(headers["Retry-After"]) <= 40  # from 0 to 2 tokens at one per 20 s
+    # Bigger than the whole budget (5 texts, 3 a minute): admitted on a full bucket, into debt.
+    status, body, headers = post(a, "198.51.100.22", {"texts": ["x"] * 5})
+    assert status == 200
+    assert len(body["results"]) == 5
+    status, _, headers = post(b, "198.51.100.22")
+    assert status == 429
+    assert 59 <= int(headers["Retry-After"]) <= 60  # -2 tokens to 1
 
 
 @pytest.mark.integration

@@ -10,19 +10,29 @@ comparison constant-time and none skipped, so timing tells neither whether nor w
 matched. Keys are never logged; the request log names the key by its id (the first 12 hex
 digits of its SHA-256), which is what to watch while rotating keys.
 
-The identity a rate limit counts by, first that applies:
+Who is calling, first that applies (:class:`Caller`): it names both the rate-limit budget
+and the prediction cache's scope (``CACHE_SCOPE=caller``: a caller only hits entries it wrote).
 
-1. API-key mode: the key's id. Clients sharing a key share a budget.
-2. ``IAM_REQUIRED=true``: the caller's ``email`` (else ``sub``) from the ID token. Cloud Run
-   checks that token's signature before the request reaches the container (and passes it on
-   with the signature removed), so it is read here without checking again. It reads
+1. API-key mode: the key's id. Clients sharing a key share a budget and a cache scope. A
+   request without a current key is refused with 401, and charged one unit to its client
+   address first, so guessing keys is rate limited like anything else.
+2. ``IAM_REQUIRED=true``: the ``sub`` claim of the ID token, the principal's stable unique id
+   (``email`` is optional in a token and may be present or not for the same principal, so
+   counting by it would give one principal two budgets). Cloud Run checks that token's
+   signature before the request reaches the container (and passes it on with the signature
+   removed), so it is read here without checking again. It reads
    ``X-Serverless-Authorization`` when present, because Cloud Run then checks that header and
    passes ``Authorization`` through unchecked. If the service allows unauthenticated calls, the
    token is whatever the caller wrote: leave ``IAM_REQUIRED`` false there.
 3. The client address: the entry ``FORWARDED_FOR_HOPS`` places from the right of
    ``X-Forwarded-For``. Cloud Run's front end puts the address it received the connection from
-   at the right end; anything to its left was written by the client and could be forged. IPv6
-   addresses count per /64, the block one subscriber usually holds.
+   at the right end; anything to its left was written by the client and could be forged (and
+   with more than one hop, so can the counted entry, unless ingress admits only the load
+   balancer that writes it). An entry that is not an IP address is never an identity: the
+   nearest valid entry to its right counts instead. The rate limit counts IPv6 clients per
+   ``RATE_LIMIT_IPV6_PREFIX`` block (a /56 by default: one delegated site, not one of its 256
+   /64s); the cache scope is narrower, per IPv4 address or IPv6 /64 (one subscriber's LAN),
+   since a scope shared by neighbours would let them see each other's texts.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ import hmac
 import ipaddress
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
 
 import flask
 
@@ -72,7 +83,7 @@ class ApiKeys:
 
 
 def iam_caller(request: flask.Request) -> str | None:
-    """``email`` or ``sub`` of the bearer ID token Cloud Run checked, or ``None``.
+    """The ``sub`` of the bearer ID token Cloud Run checked, or ``None``.
 
     Only meaningful when the service requires IAM (see the module docstring).
     """
@@ -89,13 +100,14 @@ def iam_caller(request: flask.Request) -> str | None:
         return None
     if not isinstance(payload, dict):
         return None
-    who = payload.get("email") or payload.get("sub")
+    who = payload.get("sub")
     return who if isinstance(who, str) and who else None
 
 
-def client_address(request: flask.Request, hops: int) -> str:
-    """The address ``hops`` entries from the right of ``X-Forwarded-For`` (0: the TCP peer)."""
-    address = request.remote_addr or "unknown"
+def client_ip(request: flask.Request, hops: int) -> str:
+    """The client's address: ``hops`` entries from the right of ``X-Forwarded-For`` (0: the TCP
+    peer), or the nearest valid address to its right when that entry is not an IP address."""
+    peer = request.remote_addr or "unknown"
     if hops > 0:
         entries = [
             e.strip() for v in request.headers.getlist("X-Forwarded-For") for e in v.split(",")
@@ -103,26 +115,59 @@ def client_address(request: flask.Request, hops: int) -> str:
         entries = [e for e in entries if e]
         if entries:
             # Fewer entries than hops: only trusted proxies wrote it; the leftmost is the client.
-            address = entries[-hops] if len(entries) >= hops else entries[0]
+            start = len(entries) - hops if len(entries) >= hops else 0
+            for entry in entries[start:]:
+                if _parse_ip(entry) is not None:
+                    return entry
+    return peer
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return address
+        return None
+
+
+def _group(address: str, ipv6_prefix: int) -> str:
+    ip = _parse_ip(address)
+    if ip is None:
+        return address  # only the TCP peer can be that (e.g. a unix socket): not client-chosen
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
     return str(ip)
 
 
+def client_address(request: flask.Request, hops: int, ipv6_prefix: int = 56) -> str:
+    """The rate limit's client address: :func:`client_ip`, IPv6 grouped per ``ipv6_prefix``."""
+    return _group(client_ip(request, hops), ipv6_prefix)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the budget its work is charged to and the cache scope it reads.
+
+    ``limit`` and ``scope`` are ``key:<key id>``, ``iam:<sub>`` or ``addr:<address>`` (the
+    address grouped per ``RATE_LIMIT_IPV6_PREFIX`` for the limit, per /64 for the scope).
+    ``headers`` are the rate-limit fields the response carries so far.
+    """
+
+    limit: str
+    scope: str
+    headers: dict[str, str] = field(default_factory=dict, compare=False)
+
+
 class Guard:
-    """The API-key check and the rate limit, in that order; inactive when neither is set.
+    """The API-key check and the rate limit, in that order; names the caller of every request.
 
     Args:
         api_keys: The configured keys, or ``None`` when API-key mode is off.
         limiter: The rate limiter, or ``None`` when ``RATE_LIMIT`` is unset.
         iam_required: The service requires Cloud Run IAM, so the ID token names the caller.
         forwarded_hops: ``FORWARDED_FOR_HOPS``.
+        ipv6_prefix: ``RATE_LIMIT_IPV6_PREFIX``.
     """
 
     def __init__(
@@ -132,15 +177,18 @@ class Guard:
         limiter: ratelimit.RateLimiter | None = None,
         iam_required: bool = False,
         forwarded_hops: int = 1,
+        ipv6_prefix: int = 56,
     ) -> None:
         self.api_keys = api_keys
         self.limiter = limiter
         self._iam_required = iam_required
         self._hops = forwarded_hops
+        self._ipv6_prefix = ipv6_prefix
 
     @classmethod
     def from_settings(cls, settings: Settings, *, function: str) -> Guard:
-        """Build from ``API_KEYS``, ``RATE_LIMIT``, ``IAM_REQUIRED`` and ``FORWARDED_FOR_HOPS``.
+        """Build from ``API_KEYS``, ``RATE_LIMIT``, ``IAM_REQUIRED``, ``FORWARDED_FOR_HOPS`` and
+        ``RATE_LIMIT_IPV6_PREFIX``.
 
         Raises:
             ConfigError: The Redis settings the limiter shares with the cache are unusable.
@@ -150,6 +198,7 @@ class Guard:
             limiter=ratelimit.from_settings(settings, function=function),
             iam_required=settings.iam_required,
             forwarded_hops=settings.forwarded_for_hops,
+            ipv6_prefix=settings.rate_limit_ipv6_prefix,
         )
 
     @property
@@ -162,41 +211,92 @@ class Guard:
             out.append(errors.RateLimited)
         return tuple(out)
 
+    def caller(self, request: flask.Request, key: str | None = None) -> Caller:
+        """Who ``request`` comes from (see the module docstring); ``key``: the accepted key's id."""
+        if key is not None:
+            return Caller(f"key:{key}", f"key:{key}")
+        if self._iam_required:
+            sub = iam_caller(request)
+            if sub is not None:
+                return Caller(f"iam:{sub}", f"iam:{sub}")
+        ip = client_ip(request, self._hops)
+        return Caller(f"addr:{_group(ip, self._ipv6_prefix)}", f"addr:{_group(ip, 64)}")
+
     def identity(self, request: flask.Request, key: str | None = None) -> str:
         """Who the rate limit counts this request against (see the module docstring)."""
-        if key is not None:
-            return f"key:{key}"
-        if self._iam_required:
-            caller = iam_caller(request)
-            if caller is not None:
-                return f"iam:{caller}"
-        return f"addr:{client_address(request, self._hops)}"
+        return self.caller(request, key).limit
 
-    def check(self, request: flask.Request) -> dict[str, str]:
-        """Admit ``request`` or raise; returns the headers its response must carry.
+    def admit(self, request: flask.Request) -> Caller:
+        """Check the key and take the request's first unit of work, before its body is read.
+
+        Returns:
+            The caller, with the rate-limit headers its response must carry.
 
         Raises:
-            errors.Unauthorized: API-key mode is on and no current key was sent.
-            errors.RateLimited: The client's budget is spent (with ``Retry-After``).
+            errors.Unauthorized: API-key mode is on and no current key was sent (the attempt
+                is charged to the client's address first).
+            errors.RateLimited: The client's budget is spent (with ``Retry-After``), or, in
+                API-key mode, its address has spent its budget on attempts without a key.
         """
         key: str | None = None
         if self.api_keys is not None:
             presented = request.headers.get(API_KEY_HEADER)
             key = self.api_keys.match(presented)
             if key is None:
-                reason = "is missing" if presented is None else "is not a current key"
-                raise errors.Unauthorized(
-                    f"the {API_KEY_HEADER} header {reason}",
-                    headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'},
-                )
+                self._refuse_key(request, presented)
             request.environ[KEY_ID_ENVIRON] = key
+        caller = self.caller(request, key)
         if self.limiter is None:
-            return {}
-        decision = self.limiter.check(self.identity(request, key))
+            return caller
+        decision = self.limiter.check(caller.limit)
         if not decision.allowed:
             raise errors.RateLimited(
-                f"rate limit of {self.limiter.rate} per client exceeded; retry after "
-                f"{decision.retry_after} s",
+                f"rate limit of {self.limiter.rate} units of work per client exceeded; retry "
+                f"after {decision.retry_after} s",
+                headers=decision.headers(),
+            )
+        caller.headers.update(decision.headers())
+        return caller
+
+    def charge(self, caller: Caller, units: int) -> dict[str, str]:
+        """Charge the rest of a request of ``units`` (texts) that :meth:`admit` let in.
+
+        Returns:
+            The rate-limit headers its response must carry.
+
+        Raises:
+            errors.RateLimited: The client's budget does not hold the request's work (with
+                ``Retry-After``: when the whole request would pass).
+        """
+        if self.limiter is None or units <= 1:
+            return dict(caller.headers)
+        decision = self.limiter.charge(caller.limit, units)
+        if not decision.allowed:
+            raise errors.RateLimited(
+                f"this request is {units} units of work (one per text) and the rate limit of "
+                f"{self.limiter.rate} per client does not hold them now; retry after "
+                f"{decision.retry_after} s, or send fewer texts per request",
                 headers=decision.headers(),
             )
         return decision.headers()
+
+    def check(self, request: flask.Request) -> dict[str, str]:
+        """:meth:`admit`, returning just the headers (a request of one unit)."""
+        return dict(self.admit(request).headers)
+
+    def _refuse_key(self, request: flask.Request, presented: str | None) -> NoReturn:
+        headers = {"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'}
+        if self.limiter is not None:
+            # Counted against the address: a key guesser gets 429 like any other client, and a
+            # valid key's budget (its own bucket) is never spent by someone else's guesses.
+            address = client_address(request, self._hops, self._ipv6_prefix)
+            decision = self.limiter.check(f"addr:{address}")
+            if not decision.allowed:
+                raise errors.RateLimited(
+                    f"too many requests without a current {API_KEY_HEADER} from this address; "
+                    f"retry after {decision.retry_after} s",
+                    headers={**headers, **decision.headers()},
+                )
+            headers.update(decision.headers())
+        reason = "is missing" if presented is None else "is not a current key"
+        raise errors.Unauthorized(f"the {API_KEY_HEADER} header {reason}", headers=headers)

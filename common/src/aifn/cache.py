@@ -11,6 +11,13 @@ Redis is optional in every sense: connect and command timeouts are short, a circ
 calling it after consecutive failures and a background probe (never a request) notices when it is
 back, unreadable values count as misses, and any error means "ask the model". Concurrent identical
 misses inside an instance are computed once (single-flight).
+
+Scope (``CACHE_SCOPE``): with ``caller`` (the default) every key also holds the caller's cache
+scope, so a caller only ever hits entries its own identity wrote, and neither ``cached`` nor the
+response time tells it what anyone else sent. The HTTP edge names the scope for the duration of
+a request with :func:`caller_scope` (:class:`aifn.auth.Guard` decides who the caller is); work
+outside a request (batch files, jobs) runs in :data:`BATCH_SCOPE`. ``shared`` drops the scope
+from the key: one namespace for every caller, for single-tenant deployments.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ import hashlib
 import json
 import logging
 import math
+import re
 import struct
 import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,6 +51,34 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "aifn:v1"
 _FLAG_TRUNCATED = 1
 _VERSION = 1
+
+SCOPES = ("caller", "shared")
+# The scope of cache work done outside any HTTP request: batch files (event, job or local).
+# Whoever may write batch input files shares it; no HTTP caller ever does.
+BATCH_SCOPE = "batch"
+_scope: ContextVar[str] = ContextVar("aifn_cache_scope", default=BATCH_SCOPE)
+
+
+@contextmanager
+def caller_scope(scope: str) -> Iterator[None]:
+    """Run the block's cache lookups and writes as ``scope`` (a caller's identity).
+
+    Restored on exit, so a request thread that serves another caller next never keeps it.
+    """
+    token = _scope.set(scope)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def current_scope() -> str:
+    """The scope cache keys are made in here: the caller's, else :data:`BATCH_SCOPE`."""
+    return _scope.get()
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 class CorruptValue(ValueError):
@@ -274,6 +312,8 @@ class PredictionCache:
         ttl: Seconds a value lives.
         breaker: Guards a remote backend; ``None`` for the in-process one.
         warn_interval: Least seconds between two warnings about backend errors.
+        scope: ``"caller"``: keys hold :func:`current_scope`, so callers never share entries;
+            ``"shared"``: one namespace for every caller.
     """
 
     def __init__(
@@ -285,8 +325,12 @@ class PredictionCache:
         breaker: CircuitBreaker | None = None,
         warn_interval: float = 60.0,
         wait_timeout: float = 60.0,
+        scope: str = "caller",
     ) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         self.backend = backend
+        self.scope = scope
         self._namespace = namespace
         self._ttl = ttl
         self.breaker = breaker
@@ -305,18 +349,32 @@ class PredictionCache:
         return {
             "backend": self.backend.name if self.backend is not None else "off",
             "state": self.breaker.state if self.breaker else "closed",
+            "scope": self.scope,
             **counters,
         }
 
     def key(self, text: str, params: Any) -> str:
-        digest = hashlib.sha256()
-        for part in (
+        """The key of ``text`` under ``params`` for the current caller (see :func:`caller_scope`).
+
+        Per caller: ``aifn:v1:<function>:<scope hash>:<hash>``, so one caller's entries can be
+        found (and deleted) by prefix without storing who the caller is; shared:
+        ``aifn:v1:<function>:<hash>``.
+        """
+        function = self._namespace.split(":", 1)[0]
+        parts = [
             self._namespace,
             json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
             normalise(text),
-        ):
-            digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
-        return f"{KEY_PREFIX}:{self._namespace.split(':', 1)[0]}:{digest.hexdigest()[:32]}"
+        ]
+        prefix = f"{KEY_PREFIX}:{function}"
+        if self.scope == "caller":
+            scope = current_scope()
+            parts.append(scope)
+            prefix += ":" + hashlib.sha256(_utf8(scope)).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(_utf8(part) + b"\0")
+        return f"{prefix}:{digest.hexdigest()[:32]}"
 
     def get_or_compute(
         self,
@@ -453,17 +511,24 @@ def from_settings(settings: Settings, *, function: str, revision: str) -> Predic
         breaker = CircuitBreaker(
             threshold=3, cooldown=settings.redis_probe_seconds, probe=backend.ping
         )
-        return PredictionCache(backend, namespace=namespace, ttl=ttl, breaker=breaker)
+        return PredictionCache(
+            backend, namespace=namespace, ttl=ttl, breaker=breaker, scope=settings.cache_scope
+        )
     if settings.cache_max_entries == 0:
-        return PredictionCache(None, namespace=namespace, ttl=ttl)
-    return PredictionCache(MemoryBackend(settings.cache_max_entries), namespace=namespace, ttl=ttl)
+        return PredictionCache(None, namespace=namespace, ttl=ttl, scope=settings.cache_scope)
+    return PredictionCache(
+        MemoryBackend(settings.cache_max_entries),
+        namespace=namespace,
+        ttl=ttl,
+        scope=settings.cache_scope,
+    )
 
 
 def redis_client(settings: Settings) -> Any:
     """A redis-py client with short timeouts and no retries (the breaker decides, not retries).
 
     Raises:
-        ConfigError: ``REDIS_CA_CERT`` names a file that does not exist.
+        ConfigError: ``REDIS_CA_CERT`` is not a readable file and holds no certificate.
     """
     import redis
     from redis.backoff import NoBackoff
@@ -494,9 +559,44 @@ def redis_client(settings: Settings) -> Any:
     )
 
 
+_PEM_CERT = re.compile(
+    r"-----BEGIN CERTIFICATE-----(?P<body>[A-Za-z0-9+/=\s]*?)-----END CERTIFICATE-----"
+)
+
+
+def ca_bundle(value: str) -> list[str]:
+    """Every certificate in ``REDIS_CA_CERT`` (PEM text or a file), each as clean PEM.
+
+    Memorystore lists more than one server CA while it rotates them, and a server certificate
+    may chain to any of them, so every one is trusted. The certificates may come concatenated
+    with or without line breaks between them, with CRLF line ends, or with the ``\\n`` escapes
+    of a one-line environment variable; each is rewrapped as OpenSSL expects.
+
+    Raises:
+        ConfigError: A path that is not a readable file, or text without a certificate.
+    """
+    text = value
+    if "-----BEGIN" not in value:
+        try:
+            text = Path(value.strip()).read_text(encoding="ascii", errors="replace")
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"REDIS_CA_CERT: {value} is neither PEM text nor a readable file"
+            ) from None
+    text = text.replace("\\n", "\n")
+    bundle = []
+    for match in _PEM_CERT.finditer(text):
+        body = "".join(match.group("body").split())
+        if not body:
+            continue
+        lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+        bundle.append(
+            "\n".join(["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----"])
+        )
+    if not bundle:
+        raise ConfigError("REDIS_CA_CERT holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return bundle
+
+
 def _ca_options(value: str) -> dict[str, str]:
-    if value.lstrip().startswith("-----BEGIN"):
-        return {"ssl_ca_data": value}
-    if not Path(value).is_file():
-        raise ConfigError(f"REDIS_CA_CERT: {value} is neither PEM text nor a readable file")
-    return {"ssl_ca_certs": value}
+    return {"ssl_ca_data": "\n".join(ca_bundle(value)) + "\n"}

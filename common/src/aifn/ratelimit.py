@@ -1,8 +1,17 @@
 """Per-client rate limits: a token bucket per client, shared by every instance through Redis.
 
 Each client (:mod:`aifn.auth` decides who counts as one) has a bucket of ``Rate.requests``
-tokens, refilled continuously at ``requests / period``; a request takes a token or is refused.
-A client may send its whole budget at once, then goes on at the steady rate.
+tokens, refilled continuously at ``requests / period``. A request costs one token per unit of
+work (a text: see :func:`work_units`) and is refused unless its client holds them. A client may
+spend its whole budget at once, then goes on at the steady rate.
+
+A request's cost is known only once its body is read, so it is charged in two steps: one token
+before the body is read (:meth:`RateLimiter.check`: a client with nothing left is refused
+without costing a body read), then the rest once it is parsed (:meth:`RateLimiter.charge`). A
+request refused at the second step keeps its first token spent (its body was read), and its
+``Retry-After`` is the time until the whole request would pass. A request costing more than
+the whole bucket would otherwise never pass: it is admitted on a full bucket and leaves it in
+debt (negative), so over time a client never gets more than the rate.
 
 With Redis configured (the prediction cache's ``REDIS_*`` settings and client), every instance
 draws on the same bucket: one Lua script per request (EVALSHA through redis-py's ``Script``,
@@ -83,6 +92,18 @@ def parse_rate(raw: str) -> Rate | None:
     return Rate(requests, float(count * unit))
 
 
+def work_units(body: Any, *, max_texts: int) -> int:
+    """The tokens a prediction request costs: one per text, at least one, at most ``max_texts``.
+
+    Read from the decoded body before validation, so a malformed body costs one unit (and gets
+    its 4xx from validation), and a list over ``MAX_BATCH_TEXTS`` is charged the cap (it is
+    refused with 422 before any model work).
+    """
+    if isinstance(body, dict) and isinstance(body.get("texts"), list):
+        return max(1, min(len(body["texts"]), max_texts))
+    return 1
+
+
 @dataclass(frozen=True)
 class Decision:
     """One request's verdict and what its response tells the client."""
@@ -91,17 +112,20 @@ class Decision:
     rate: Rate
     remaining: int  # whole tokens left after this request
     reset: int  # seconds until the bucket is full again
-    retry_after: int  # seconds until the next token; 0 when allowed
+    retry_after: int  # seconds until the request would pass; 0 when allowed
     backend: str  # "redis" or "memory": who decided
 
     @classmethod
-    def of(cls, rate: Rate, allowed: bool, tokens: float, backend: str) -> Decision:
-        tokens = round(max(0.0, min(float(rate.requests), tokens)), 6)
-        wait = 0 if allowed else max(1, math.ceil((1 - tokens) / rate.per_second))
+    def of(
+        cls, rate: Rate, allowed: bool, tokens: float, backend: str, *, wait_for: float = 1
+    ) -> Decision:
+        """The verdict, ``tokens`` left (negative: in debt); a refusal waits for ``wait_for``."""
+        tokens = round(min(float(rate.requests), tokens), 6)
+        wait = 0 if allowed else max(1, math.ceil((wait_for - tokens) / rate.per_second))
         return cls(
             allowed=allowed,
             rate=rate,
-            remaining=math.floor(tokens),
+            remaining=math.floor(max(0.0, tokens)),
             reset=math.ceil((rate.requests - tokens) / rate.per_second),
             retry_after=wait,
             backend=backend,
@@ -141,8 +165,8 @@ class MemoryBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: str) -> tuple[bool, float]:
-        """Take a token from ``key``'s bucket: (allowed, tokens left)."""
+    def take(self, key: str, cost: int = 1, need: float = 1) -> tuple[bool, float]:
+        """Take ``cost`` tokens from ``key``'s bucket if it holds ``need``: (allowed, left)."""
         rate = self._rate
         now = self._clock()
         with self._lock:
@@ -150,29 +174,34 @@ class MemoryBuckets:
             tokens = float(rate.requests)
             if entry is not None:
                 tokens = min(tokens, entry[0] + max(0.0, now - entry[1]) * rate.per_second)
-            allowed = tokens >= 1
+            allowed = tokens >= need
             if allowed:
-                tokens -= 1
+                tokens -= cost
             self._buckets[key] = (tokens, now)
             self._evict(now)
         return allowed, tokens
 
     def _evict(self, now: float) -> None:
-        # A bucket untouched for a whole period is full again: the same as no bucket at all.
+        # A bucket full again is the same as no bucket at all (one in debt takes longer).
+        rate = self._rate
         while self._buckets:
-            _, (_, updated) = next(iter(self._buckets.items()))
-            if len(self._buckets) <= self._max and now - updated < self._rate.period:
+            _, (tokens, updated) = next(iter(self._buckets.items()))
+            full_at = updated + (rate.requests - tokens) / rate.per_second
+            if len(self._buckets) <= self._max and now < full_at:
                 return
             self._buckets.popitem(last=False)
 
 
-# KEYS[1]: the bucket. ARGV: capacity, tokens per second. Returns {allowed, tokens left} with the
-# tokens as a string (Redis truncates Lua numbers to integers). TIME is the server's clock, so
-# every instance measures refills the same way (writing after TIME needs Redis 5+, where scripts
-# replicate their effects; Memorystore runs 7.x).
+# KEYS[1]: the bucket. ARGV: capacity, tokens per second, cost, the tokens the bucket must hold
+# for the cost to be taken (the cost, or less for a request bigger than the bucket). Returns
+# {allowed, tokens left} with the tokens as a string (Redis truncates Lua numbers to integers).
+# TIME is the server's clock, so every instance measures refills the same way (writing after
+# TIME needs Redis 5+, where scripts replicate their effects; Memorystore runs 7.x).
 _TAKE = """
 local capacity = tonumber(ARGV[1])
 local per_second = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local need = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -184,8 +213,8 @@ else
   tokens = math.min(capacity, tokens + math.max(0, now - at) * per_second)
 end
 local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= need then
+  tokens = tokens - cost
   allowed = 1
 end
 local left = string.format('%.6f', tokens)
@@ -205,9 +234,9 @@ class RedisBuckets:
         self._rate = rate
         self._script = client.register_script(_TAKE)
 
-    def take(self, key: str) -> tuple[bool, float]:
+    def take(self, key: str, cost: int = 1, need: float = 1) -> tuple[bool, float]:
         allowed, tokens = self._script(
-            keys=[key], args=[self._rate.requests, repr(self._rate.per_second)]
+            keys=[key], args=[self._rate.requests, repr(self._rate.per_second), cost, repr(need)]
         )
         return int(allowed) == 1, float(tokens)
 
@@ -241,34 +270,60 @@ class RateLimiter:
         self._function = function
         self._redis = redis
         self.breaker = breaker
-        self._memory = memory or MemoryBuckets(rate)
+        self._memory = memory if memory is not None else MemoryBuckets(rate)
         self._warn_interval = warn_interval
         self._last_warning = -math.inf
         self._lock = threading.Lock()
-        self.counts = {"allowed": 0, "limited": 0, "fallback": 0}
+        self.counts = {"allowed": 0, "limited": 0, "units": 0, "fallback": 0}
 
     def key(self, identity: str) -> str:
         digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         return f"{KEY_PREFIX}:{self._function}:{digest}"
 
     def check(self, identity: str) -> Decision:
-        """Take one token from ``identity``'s bucket. Never raises for a Redis failure."""
+        """Take one token from ``identity``'s bucket (a request's first unit, before its body).
+
+        Never raises for a Redis failure.
+        """
+        decision = self._take(identity, 1, 1, 1)
+        with self._lock:
+            self.counts["allowed" if decision.allowed else "limited"] += 1
+        return decision
+
+    def charge(self, identity: str, units: int) -> Decision:
+        """Take the rest of a request of ``units`` whose first unit :meth:`check` took.
+
+        Passes when the bucket holds the rest, or (a request bigger than the whole budget)
+        is full again; a refusal takes nothing more, and its ``Retry-After`` is the time until
+        the whole request would pass. Never raises for a Redis failure.
+        """
+        rest = max(0, units - 1)
+        need = min(units, self.rate.requests)
+        decision = self._take(identity, rest, need - 1, need)
+        if not decision.allowed:
+            with self._lock:  # the request counted as allowed by check() is refused after all
+                self.counts["allowed"] -= 1
+                self.counts["limited"] += 1
+        return decision
+
+    def _take(self, identity: str, cost: int, need: float, wait_for: float) -> Decision:
         key = self.key(identity)
         decision: Decision | None = None
         if self._redis is not None and (self.breaker is None or self.breaker.allow()):
             try:
-                allowed, tokens = self._redis.take(key)
+                allowed, tokens = self._redis.take(key, cost, need)
             except Exception as exc:  # any Redis failure: decide here instead
                 self._failed(exc)
             else:
                 if self.breaker is not None:
                     self.breaker.success()
-                decision = Decision.of(self.rate, allowed, tokens, "redis")
+                decision = Decision.of(self.rate, allowed, tokens, "redis", wait_for=wait_for)
         if decision is None:
-            allowed, tokens = self._memory.take(key)
-            decision = Decision.of(self.rate, allowed, tokens, "memory")
+            allowed, tokens = self._memory.take(key, cost, need)
+            decision = Decision.of(self.rate, allowed, tokens, "memory", wait_for=wait_for)
         with self._lock:
-            self.counts["allowed" if decision.allowed else "limited"] += 1
+            if decision.allowed:
+                self.counts["units"] += cost
             if self._redis is not None and decision.backend == "memory":
                 self.counts["fallback"] += 1
         return decision

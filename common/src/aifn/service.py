@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,11 @@ from werkzeug.exceptions import HTTPException
 
 from aifn import auth, errors, logs, openapi
 from aifn.batching import DynamicBatcher
-from aifn.cache import PredictionCache
+from aifn.cache import PredictionCache, caller_scope
 from aifn.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aifn.metrics import UNMATCHED, Metrics
 from aifn.model import TextClassifier, TextEncoder
+from aifn.ratelimit import work_units
 from aifn.settings import Settings
 from aifn.validation import read_json
 
@@ -263,15 +265,22 @@ class Service:
                 f"{request.method} is not allowed on {path}; use {', '.join(allowed)}",
                 headers={"Allow": ", ".join(allowed)},
             )
-        # API key and rate limit first: a refused request costs no body read.
-        limit_headers = self.guard.check(request) if method == "POST" else {}
+        # API key and one unit of rate limit first: a refused request costs no body read. The
+        # rest of its work (a unit per text) is charged once the body is read, and the handler
+        # runs in the caller's cache scope (CACHE_SCOPE=caller: it only hits its own entries).
+        caller = self.guard.admit(request) if method == "POST" else None
+        limit_headers = dict(caller.headers) if caller is not None else {}
         try:
             body = None
             if method == "POST":
                 body = read_json(request, max_bytes=self.settings.max_body_bytes)
                 if self.settings.log_request_text:
                     log.debug("request body", extra={"fields": {"body": body}})
-            result = route.handler(body)
+            if caller is not None:
+                units = work_units(body, max_texts=self.settings.max_batch_texts)
+                limit_headers = self.guard.charge(caller, units)
+            with caller_scope(caller.scope) if caller is not None else nullcontext():
+                result = route.handler(body)
             if not isinstance(result, flask.Response):
                 result = _json_response(result, 200)
             response = result

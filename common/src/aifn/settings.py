@@ -137,6 +137,20 @@ def _api_keys(raw: str) -> tuple[str, ...] | None:
     return keys or None
 
 
+def _cache_scope(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"caller", "shared"}:
+        raise ValueError("must be caller or shared")
+    return value
+
+
+def _ipv6_prefix(raw: str) -> int:
+    value = int(raw.strip())
+    if not 16 <= value <= 128:
+        raise ValueError("must be a prefix length from 16 to 128")
+    return value
+
+
 def unit_interval(raw: str) -> float:
     value = float(raw.strip())
     if not 0.0 <= value <= 1.0:
@@ -310,6 +324,16 @@ class Settings:
         86_400,
         parse=positive_int,
     )
+    cache_scope: str = setting(
+        "CACHE_SCOPE",
+        "Who shares prediction-cache entries. `caller`: each caller (API key, IAM principal, or "
+        "client address) only ever hits entries its own requests wrote, so neither `cached` nor "
+        "the response time tells it what anyone else sent; batch files share a scope of their "
+        "own. `shared`: one namespace for every caller and batch file, more hits; only for a "
+        "single-tenant deployment. See SECURITY.md.",
+        "caller",
+        parse=_cache_scope,
+    )
     redis_url: str | None = setting(
         "REDIS_URL",
         "Cache predictions in Redis instead of in process: `redis://[:password@]host:port/db`, "
@@ -357,9 +381,12 @@ class Settings:
     )
     rate_limit: Rate | None = setting(
         "RATE_LIMIT",
-        "Requests each client may make to the prediction endpoints, e.g. `60/minute`, "
-        "`5/second`, `10/30s`: a token bucket, so a client may send that many at once, then "
-        "at that rate; more get 429 `rate_limited` with `Retry-After` before the body is read. "
+        "Units of work each client may ask of the prediction endpoints, e.g. `60/minute`, "
+        "`5/second`, `10/30s`; a unit is a text (see README, Security). A token bucket: a "
+        "client may spend that many at once, then at that rate; past it, 429 `rate_limited` "
+        "with `Retry-After`, for one unit before the body is read and for the rest once it is. "
+        "A request bigger than the whole budget runs only on a full bucket and leaves it in "
+        "debt. Wrong or missing API keys are charged to the client's address. "
         "Shared by every instance through Redis when Redis is set, else (and while Redis is "
         "down) per instance. Health, `/metrics` and `/openapi.json` are never limited. See "
         "README, Security.",
@@ -369,8 +396,9 @@ class Settings:
     iam_required: bool = setting(
         "IAM_REQUIRED",
         "`true` only when Cloud Run requires IAM for the service (no `allUsers` invoker; "
-        "Terraform sets it): rate limits then count per caller, the e-mail in the ID token "
-        "Cloud Run verified. When `false` that token is ignored, since anyone could write one.",
+        "Terraform sets it): rate limits and cache scope then count per caller, the `sub` "
+        "(the principal's stable id) of the ID token Cloud Run verified. When `false` that "
+        "token is ignored, since anyone could write one.",
         False,
         parse=parse_bool,
     )
@@ -378,9 +406,22 @@ class Settings:
         "FORWARDED_FOR_HOPS",
         "Without API keys or IAM, rate limits count per client address: the entry this many "
         "places from the right of `X-Forwarded-For` (1 on Cloud Run, 2 behind an external "
-        "Application Load Balancer, 0 for the TCP peer). Entries further left can be forged.",
+        "Application Load Balancer, 0 for the TCP peer). Entries further left can be forged, "
+        "and so can this one when a request can bypass the load balancer: above 1, restrict "
+        "ingress to the load balancer (Terraform refuses otherwise). An entry that is not an "
+        "IP address counts as the nearest valid one to its right.",
         1,
         parse=int_at_least(0),
+    )
+    rate_limit_ipv6_prefix: int = setting(
+        "RATE_LIMIT_IPV6_PREFIX",
+        "Without API keys or IAM, IPv6 clients share one rate-limit budget per block of this "
+        "prefix length. 56: the block a residential line is usually delegated (RIPE-690), so one "
+        "household is one client, while a /48 holder (65,536 /64s) gets 256 budgets, not "
+        "65,536. 48 bounds that to one at the cost of grouping a provider's neighbours; 64 is "
+        "one subnet.",
+        56,
+        parse=_ipv6_prefix,
     )
     api_keys: tuple[str, ...] | None = setting(
         "API_KEYS",
