@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -290,17 +291,45 @@ def test_defaults_mirror_inputs_under_predictions() -> None:
     s = settings()
     assert (s.input_prefix, s.output_bucket, s.output_prefix) == ("inputs/", None, "predictions/")
     out = batch.outputs_for(s, Location("b", "inputs/2026/tickets.jsonl"))
-    assert str(out.predictions) == "gs://b/predictions/2026/tickets.jsonl"
-    assert str(out.errors) == "gs://b/predictions/2026/tickets.errors.jsonl"
+    assert str(out.predictions) == "gs://b/predictions/2026/tickets.jsonl.predictions.jsonl"
+    assert str(out.errors) == "gs://b/predictions/2026/tickets.jsonl.errors.jsonl"
     out = batch.outputs_for(s, Location("b", "inputs/t.csv"))
-    assert str(out.predictions) == "gs://b/predictions/t.csv.jsonl"
+    assert str(out.predictions) == "gs://b/predictions/t.csv.predictions.jsonl"
     assert str(out.errors) == "gs://b/predictions/t.csv.errors.jsonl"
     other = settings(BATCH_OUTPUT_BUCKET="gs://results", BATCH_OUTPUT_PREFIX="/out")
     out = batch.outputs_for(other, Location("b", "inputs/t.jsonl"))
-    assert str(out.predictions) == "gs://results/out/t.jsonl"
+    assert str(out.predictions) == "gs://results/out/t.jsonl.predictions.jsonl"
     assert batch.part_name("p/t.jsonl", Shard(1, 2)) == "p/t.part-00001-of-00002.jsonl"
-    assert batch.local_output("/d/tickets.csv") == "/d/tickets.predictions.jsonl"
-    assert batch.errors_name("/d/tickets.predictions.jsonl") == "/d/tickets.errors.jsonl"
+    assert batch.local_output("/d/tickets.csv") == "/d/tickets.csv.predictions.jsonl"
+    assert batch.errors_name("/d/tickets.csv.predictions.jsonl") == "/d/tickets.csv.errors.jsonl"
+
+
+def test_no_two_inputs_share_an_output_name() -> None:
+    """x.csv and x.csv.jsonl (or x.jsonl and x.errors.jsonl) used to write the same object."""
+    s = settings()
+    inputs = [
+        "x.csv",
+        "x.csv.jsonl",
+        "x.jsonl",
+        "x.errors.jsonl",
+        "x.predictions.jsonl",
+        "x.ndjson",
+        "x.ndjson.jsonl",
+        "x.JSONL",
+        "x.part-00000-of-00002.jsonl",
+        "x.errors.part-00000-of-00002.jsonl",
+    ]
+    names: list[str] = []
+    for name in inputs:
+        out = batch.outputs_for(s, Location("b", f"inputs/{name}"))
+        names += [out.predictions.path, out.errors.path]
+        for shard in (Shard(0, 2), Shard(1, 2)):
+            parts = batch.parts_of(out, shard)
+            names += [parts.predictions.path, parts.errors.path]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    local = [batch.local_output(f"/d/{name}") for name in inputs]
+    local += [batch.errors_name(p) for p in local]
+    assert len(local) == len(set(local))
 
 
 def test_which_objects_are_inputs() -> None:
@@ -391,3 +420,191 @@ def test_file_format_by_name() -> None:
     assert batch_io.file_format("b.ndjson") == "jsonl"
     assert batch_io.file_format("b.csv") == "csv"
     assert batch_io.file_format("b.json") is None
+
+
+# --- hostile records (issue 18): each a per-record error, never an exception ---------------------
+
+
+def test_a_lone_surrogate_id_is_a_record_error(tmp_path: Path) -> None:
+    """It used to pass validation and then break the UTF-8 writer: the whole file failed."""
+    content = (
+        '{"id": "a", "text": "first"}\n'
+        '{"id": "bad \\ud800 id", "text": "second"}\n'
+        '{"id": "c", "text": "third"}\n'
+    )
+    predictions, errors, summary = run(tmp_path, content)
+    assert [p["id"] for p in predictions] == ["a", "c"]
+    assert errors == [
+        {"id": None, "line": 2, "error": "'id' contains an unpaired surrogate escape"}
+    ]
+    assert (summary.records, summary.errors) == (3, 1)
+
+
+def test_an_integer_too_long_to_read_is_a_record_error(tmp_path: Path) -> None:
+    """More digits than Python's int limit (4,300) made json.loads raise a plain ValueError."""
+    cap = capability(option_fields=frozenset({"labels"}), parse_options=parse_labels)
+    huge = "9" * 5000
+    content = (
+        f'{{"labels": [{huge}]}}\n'  # where a header line would be
+        f'{{"id": {huge}, "text": "a", "labels": ["x", "y"]}}\n'
+        '{"text": "fine", "labels": ["x", "y"]}\n'
+    )
+    predictions, errors, _ = run(tmp_path, content, cap=cap)
+    assert [p["line"] for p in predictions] == [3]
+    assert [(e["line"], e["id"]) for e in errors] == [(1, None), (2, None)]
+    assert all("more than 4300 digits" in e["error"] for e in errors)
+
+
+def test_a_csv_cell_nested_too_deep_is_a_record_error(tmp_path: Path) -> None:
+    """A request-field cell is read as JSON; 50,000 brackets made it raise RecursionError."""
+    cap = capability(option_fields=frozenset({"labels"}), parse_options=parse_labels)
+    content = 'text,labels\nhello,"' + "[" * 50_000 + '"\nworld,"[""a"", ""b""]"\n'
+    predictions, errors, _ = run(tmp_path, content, name="in.csv", cap=cap)
+    assert [p["line"] for p in predictions] == [3]
+    assert errors == [{"id": 2, "line": 2, "error": "'labels' must be a list of at least 2 labels"}]
+
+
+def test_a_line_over_the_limit_is_a_record_error_and_reading_goes_on(tmp_path: Path) -> None:
+    env = {"BATCH_MAX_LINE_BYTES": "64"}
+    long_line = json.dumps({"id": "long", "text": "x" * 200})
+    content = (
+        '{"id": "a", "text": "short"}\n'
+        + long_line
+        + "\r\n"
+        + '{"id": "b", "text": "after a CRLF"}\r'  # a lone CR ends a line too
+        + '{"id": "c", "text": "after a CR"}\n'
+        + '{"id": "d", "text": "the last line has no line break and is too long '
+        + "y" * 80
+        + '"}'
+    )
+    predictions, errors, summary = run(tmp_path, content, env=env)
+    assert [(p["id"], p["line"]) for p in predictions] == [("a", 1), ("b", 3), ("c", 4)]
+    assert [(e["line"], e["id"]) for e in errors] == [(2, None), (5, None)]
+    assert all("longer than 64 bytes (BATCH_MAX_LINE_BYTES)" in e["error"] for e in errors)
+    assert summary.records == 5
+    # Exactly at the limit is fine.
+    exact = json.dumps({"text": "z" * 50})
+    exact += " " * (64 - len(exact))
+    predictions, errors, _ = run(tmp_path, exact + "\n", env=env)
+    assert (len(predictions), errors) == (1, [])
+
+
+def test_a_csv_record_over_the_limit_is_a_record_error(tmp_path: Path) -> None:
+    env = {"BATCH_MAX_LINE_BYTES": "64"}
+    content = (
+        "id,text\n"
+        "1,short\n"
+        f"2,{'x' * 100}\n"
+        f'3,"quoted over lines\n{"y" * 40}\n{"y" * 40}"\n'  # 3 lines, over 64 bytes together
+        "4,after\n"
+    )
+    predictions, errors, _ = run(tmp_path, content, name="in.csv", env=env)
+    assert [p["id"] for p in predictions][:1] == ["1"]
+    assert predictions[-1]["id"] == "4"
+    assert [e["line"] for e in errors][:2] == [3, 4]
+    assert "longer than 64 bytes" in errors[0]["error"]
+    # The header row itself over the limit: the file is unreadable, said once.
+    predictions, errors, _ = run(tmp_path, "text," + "c" * 100 + "\nhello,x\n", name="in.csv",
+                                 env=env)  # fmt: skip
+    assert predictions == []
+    assert errors[0]["line"] is None
+    assert "header row is longer than 64 bytes" in errors[0]["error"]
+
+
+def _peak_bytes(fn: Any) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_64_mb_line_without_a_line_break_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """The reader skips an over-long line in blocks: peak memory is the limit plus a block, not
+    the line. (bench/batch_memory.py measures the process's RSS on a 1 GB line.)"""
+    source = tmp_path / "in.jsonl"
+    with open(source, "wb") as f:
+        f.write(b'{"id": "first", "text": "before the long line"}\n{"text": "')
+        block = b"x" * (1 << 20)
+        for _ in range(64):
+            f.write(block)  # and no line break at the end of the file
+    settings = read_env(BatchSettings, {})
+    processor = batch.Processor(capability(), settings)
+    pred = Location(None, str(tmp_path / "out" / "in.predictions.jsonl"))
+    outputs = batch.Outputs(pred, pred.sibling(batch.errors_name(pred.path)))
+    summaries: list[batch.Summary] = []
+    peak = _peak_bytes(
+        lambda: summaries.append(processor.run_local(Location(None, str(source)), outputs))
+    )
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 64 MiB line"
+    assert [p["id"] for p in read_jsonl(Path(pred.path))] == ["first"]
+    assert read_jsonl(Path(outputs.errors.path)) == [
+        {
+            "id": None,
+            "line": 2,
+            "error": "the line is longer than 1048576 bytes (BATCH_MAX_LINE_BYTES)",
+        }
+    ]
+    assert (summaries[0].records, summaries[0].errors) == (2, 1)
+
+
+def test_distinct_options_per_record_do_not_accumulate(tmp_path: Path) -> None:
+    """Each record with its own labels: the parsed options used to be kept for the whole file."""
+    cap = capability(option_fields=frozenset({"labels"}), parse_options=parse_labels)
+    lines = [
+        json.dumps({"text": f"text {i}", "labels": [f"label {i} " + "x" * 4000, "other"]})
+        for i in range(3000)
+    ]  # 12 MB of distinct label sets
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    processor = batch.Processor(cap, read_env(BatchSettings, {"BATCH_CHUNK_SIZE": "64"}))
+    pred = Location(None, str(tmp_path / "out" / "in.predictions.jsonl"))
+    outputs = batch.Outputs(pred, pred.sibling(batch.errors_name(pred.path)))
+    peak = _peak_bytes(lambda: processor.run_local(Location(None, str(source)), outputs))
+    assert peak < 6 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert len(read_jsonl(Path(pred.path))) == 3000
+
+
+# --- events that can never succeed are acknowledged -------------------------------------------
+
+
+def event(data: Any, kind: str = batch.FINALIZED) -> Any:
+    from cloudevents.http import CloudEvent
+
+    return CloudEvent({"type": kind, "source": "//storage.googleapis.com/test", "id": "e1"}, data)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"[" * 100_000, "not JSON"),
+        ({"bucket": "bkt", "name": "inputs/t.jsonl", "generation": "abc"}, "'generation'"),
+        ({"bucket": "bkt", "name": "inputs/t.jsonl", "generation": "9" * 5000}, "'generation'"),
+        ({"bucket": "bkt", "name": "inputs/t.jsonl", "generation": 1.5}, "'generation'"),
+        ({"bucket": "bkt", "name": "inputs/t.jsonl", "size": "-1"}, "'size'"),
+        ({"bucket": "bkt", "name": ["inputs/t.jsonl"]}, "'name'"),
+        ({"bucket": "bkt", "name": "inputs/\ud800.jsonl"}, "'name'"),
+        ({"bucket": "bkt", "name": "inputs/" + "n" * 1100 + ".jsonl"}, "'name'"),
+        ({"bucket": {"x": 1}, "name": "inputs/t.jsonl"}, "'bucket'"),
+        ({"bucket": "Not A Bucket!", "name": "inputs/t.jsonl"}, "'bucket'"),
+        ({"name": "inputs/t.jsonl"}, "'bucket'"),
+    ],
+)
+def test_a_malformed_event_is_acknowledged_not_raised(
+    data: Any, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    processor = batch.Processor(capability(), settings())
+    with caplog.at_level("WARNING", logger="aifn.batch"):
+        assert processor.handle_event(event(data)) is None
+    assert why in caplog.text
+
+
+def test_other_event_types_are_ignored_whatever_their_data() -> None:
+    processor = batch.Processor(capability(), settings())
+    assert (
+        processor.handle_event(event({"bucket": 1}, kind="google.cloud.storage.object.v1.deleted"))
+        is None
+    )

@@ -105,7 +105,9 @@ def test_header_labels_line_overrides_and_bad_options(app: tuple[Any, Any], buck
     )
     deliver(client, blob)
 
-    predictions = {p["id"]: p for p in read(bucket, f"results/{folder}/tickets.jsonl")}
+    predictions = {
+        p["id"]: p for p in read(bucket, f"results/{folder}/tickets.jsonl.predictions.jsonl")
+    }
     assert {k: p["label"] for k, p in predictions.items()} == {
         "a": "billing",
         "b": "bug report",
@@ -118,7 +120,7 @@ def test_header_labels_line_overrides_and_bad_options(app: tuple[Any, Any], buck
     assert {lbl["label"] for lbl in predictions["a"]["labels"]} == set(TICKETS)
     assert "matches" in predictions["e"]
     assert "matches" not in predictions["a"]
-    errors = read(bucket, f"results/{folder}/tickets.errors.jsonl")
+    errors = read(bucket, f"results/{folder}/tickets.jsonl.errors.jsonl")
     assert [(e["id"], e["line"]) for e in errors] == [("h", 7), ("f", 8), ("g", 9)]
     assert "'descriptions' has 'billing', which is not in 'labels'" in errors[0]["error"]
     assert "'labels' has 1; send at least 2" in errors[1]["error"]
@@ -148,7 +150,7 @@ def test_csv_with_a_labels_column_and_settings_default(app: tuple[Any, Any], buc
         "p4,Bad labels cell,billing|bug report\n"
     )
     deliver(client, upload(bucket, f"inputs/{folder}/mixed.csv", content))
-    predictions = read(bucket, f"results/{folder}/mixed.csv.jsonl")
+    predictions = read(bucket, f"results/{folder}/mixed.csv.predictions.jsonl")
     assert [(p["id"], p["label"]) for p in predictions] == [
         ("p1", "politics"),  # an empty cell: BATCH_OPTIONS' labels
         ("p2", "technology"),

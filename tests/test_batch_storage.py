@@ -16,16 +16,18 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import functions_framework
 import pytest
 
-from aifn import batch
+from aifn import batch, batch_engine
 from aifn.batch import FINALIZED, Shard
 from aifn.batch_io import Location
 from aifn.cache import PredictionCache
+from aifn.errors import Overloaded
 
 from .conftest import REPO
 
@@ -94,29 +96,42 @@ def upload(bucket: Any, name: str, content: str) -> Any:
     return blob
 
 
-def deliver(client: Any, blob: Any, *, event_id: str | None = None, kind: str = FINALIZED) -> Any:
-    """POST the CloudEvent Eventarc sends for a finalized object (binary content mode)."""
-    data = {
-        "bucket": blob.bucket.name,
-        "name": blob.name,
-        "generation": str(blob.generation),
-        "metageneration": "1",
-        "size": str(blob.size),
-        "contentType": "application/octet-stream",
-    }
+def deliver(
+    client: Any,
+    blob: Any,
+    *,
+    event_id: str | None = None,
+    kind: str = FINALIZED,
+    data: dict[str, Any] | None = None,
+    status: int = 200,
+) -> Any:
+    """POST the CloudEvent Eventarc sends for a finalized object (binary content mode).
+
+    ``data`` replaces the event's payload; ``status`` is the answer expected (200: acknowledged;
+    a 5xx makes Eventarc deliver the event again).
+    """
+    if data is None:
+        data = {
+            "bucket": blob.bucket.name,
+            "name": blob.name,
+            "generation": str(blob.generation),
+            "metageneration": "1",
+            "size": str(blob.size),
+            "contentType": "application/octet-stream",
+        }
     response = client.post(
         "/",
         json=data,
         headers={
             "ce-id": event_id or uuid.uuid4().hex,
             "ce-specversion": "1.0",
-            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
+            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{data.get('bucket')}",
             "ce-type": kind,
-            "ce-subject": f"objects/{blob.name}",
+            "ce-subject": f"objects/{data.get('name')}",
             "ce-time": "2026-11-27T00:00:00Z",
         },
     )
-    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.status_code == status, response.get_data(as_text=True)
     return response
 
 
@@ -146,7 +161,7 @@ def test_jsonl_event_writes_predictions_and_errors(client: Any, bucket: Any, fol
 
     deliver(client, blob)
 
-    predictions = read(bucket, f"predictions/{folder}/tickets.jsonl")
+    predictions = read(bucket, f"predictions/{folder}/tickets.jsonl.predictions.jsonl")
     assert [(p["id"], p["line"]) for p in predictions] == [
         ("t-1", 1),
         ("t-2", 3),
@@ -157,10 +172,10 @@ def test_jsonl_event_writes_predictions_and_errors(client: Any, bucket: Any, fol
     for p in predictions:
         assert p["labels"][0]["label"] == p["label"]
         assert abs(sum(lbl["score"] for lbl in p["labels"]) - 1) < 1e-4
-    errors = read(bucket, f"predictions/{folder}/tickets.errors.jsonl")
+    errors = read(bucket, f"predictions/{folder}/tickets.jsonl.errors.jsonl")
     assert [(e["line"], e["id"]) for e in errors] == [(2, None), (6, "t-9")]
     assert errors[0]["error"].startswith("not valid JSON")
-    meta = bucket.get_blob(f"predictions/{folder}/tickets.jsonl").metadata
+    meta = bucket.get_blob(f"predictions/{folder}/tickets.jsonl.predictions.jsonl").metadata
     assert meta["aifn-source"] == f"gs://{BUCKET}/inputs/{folder}/tickets.jsonl"
     assert meta["aifn-source-generation"] == str(blob.generation)
     assert (meta["aifn-records"], meta["aifn-predictions"], meta["aifn-errors"]) == ("6", "4", "2")
@@ -179,7 +194,7 @@ def test_csv_event_with_ids_and_poison_rows(client: Any, bucket: Any, folder: st
 
     deliver(client, blob)
 
-    predictions = read(bucket, f"predictions/{folder}/export.csv.jsonl")
+    predictions = read(bucket, f"predictions/{folder}/export.csv.predictions.jsonl")
     assert [(p["id"], p["line"]) for p in predictions] == [
         ("t-1", 2),
         ("t-2", 3),
@@ -197,10 +212,10 @@ def test_redelivered_event_changes_nothing(
     lines = [json.dumps({"id": i, "text": t}) for i, t in TICKETS] + ["oops"]
     blob = upload(bucket, f"inputs/{folder}/again.jsonl", "\n".join(lines) + "\n")
     deliver(client, blob, event_id="evt-1")
-    out = f"predictions/{folder}/again.jsonl"
+    out = f"predictions/{folder}/again.jsonl.predictions.jsonl"
     first = bucket.get_blob(out)
     generation = first.generation  # read before downloading: the emulator's download clears it
-    errors_generation = bucket.get_blob(f"predictions/{folder}/again.errors.jsonl").generation
+    errors_generation = bucket.get_blob(f"predictions/{folder}/again.jsonl.errors.jsonl").generation
     content = first.download_as_bytes()
     misses = main.service.cache.stats.misses
 
@@ -211,11 +226,11 @@ def test_redelivered_event_changes_nothing(
     assert again.generation == generation, "the predictions object was rewritten"
     assert again.download_as_bytes() == content
     assert len(content.splitlines()) == 3, "one line per good input line, no duplicates"
-    errors_again = bucket.get_blob(f"predictions/{folder}/again.errors.jsonl")
+    errors_again = bucket.get_blob(f"predictions/{folder}/again.jsonl.errors.jsonl")
     assert errors_again.generation == errors_generation
     assert main.service.cache.stats.misses == misses, "the model ran again"
     assert names(bucket, f"predictions/{folder}/") == [
-        f"predictions/{folder}/again.errors.jsonl",
+        f"predictions/{folder}/again.jsonl.errors.jsonl",
         out,
     ]
 
@@ -227,7 +242,7 @@ def test_a_new_version_of_the_input_replaces_the_output(
     deliver(client, upload(bucket, name, json.dumps({"id": "a", "text": "Awful."}) + "\n"))
     second = upload(bucket, name, json.dumps({"id": "b", "text": "Wonderful!"}) + "\n")
     deliver(client, second)
-    predictions = read(bucket, f"predictions/{folder}/v.jsonl")
+    predictions = read(bucket, f"predictions/{folder}/v.jsonl.predictions.jsonl")
     assert [(p["id"], p["label"]) for p in predictions] == [("b", "POSITIVE")]
 
 
@@ -253,6 +268,152 @@ def test_events_outside_the_input_prefix_are_ignored(client: Any, bucket: Any, f
     }, "an ignored event wrote something"
 
 
+# --- what can never succeed is acknowledged; what may succeed later is retried (issue 18) -------
+
+
+def test_an_event_for_a_gone_object_is_acknowledged(client: Any, bucket: Any, folder: str) -> None:
+    """Deleted before delivery: reading it used to raise (500, redelivered for a day).
+
+    (A version replaced by a newer one is the same case on Cloud Storage, a 404 for the pinned
+    generation; the emulator keeps no old generations, so it is not exercised here.)
+    """
+    line = json.dumps({"text": "hello"}) + "\n"
+    deleted = upload(bucket, f"inputs/{folder}/deleted.jsonl", line)
+    deleted.delete()
+    deliver(client, deleted)
+    assert names(bucket, f"predictions/{folder}/") == []
+
+
+def test_a_malformed_event_payload_is_acknowledged(client: Any, bucket: Any, folder: str) -> None:
+    blob = upload(bucket, f"inputs/{folder}/t.jsonl", json.dumps({"text": "hello"}) + "\n")
+    for data in (
+        {"bucket": BUCKET, "name": blob.name, "generation": "not a number"},
+        {"bucket": BUCKET, "name": blob.name, "generation": "9" * 5000},
+        {"bucket": BUCKET, "name": [blob.name]},
+        {"bucket": BUCKET, "name": blob.name, "size": {"bytes": 1}},
+    ):
+        deliver(client, blob, data=data)
+    assert names(bucket, f"predictions/{folder}/") == []
+
+
+def test_hostile_records_are_errors_of_their_own_lines(
+    client: Any, main: Any, bucket: Any, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of these used to fail the whole file with a 500, on every delivery."""
+    monkeypatch.setattr(main.files, "settings", replace(main.files.settings, max_line_bytes=8192))
+    lines = [
+        json.dumps({"id": "ok-1", "text": "I love it."}),
+        '{"id": "bad \\udc00", "text": "A lone surrogate in the id."}',
+        '{"id": ' + "7" * 4400 + ', "text": "An id past the int digit limit."}',
+        json.dumps({"id": "long", "text": "word " * 4000}),  # 20 kB, over the 8 kB limit
+        json.dumps({"id": "ok-2", "text": "This is awful."}),
+    ]
+    blob = upload(bucket, f"inputs/{folder}/hostile.jsonl", "\n".join(lines))  # no final newline
+    deliver(client, blob)
+    predictions = read(bucket, f"predictions/{folder}/hostile.jsonl.predictions.jsonl")
+    assert [(p["id"], p["label"]) for p in predictions] == [
+        ("ok-1", "POSITIVE"),
+        ("ok-2", "NEGATIVE"),
+    ]
+    errors = read(bucket, f"predictions/{folder}/hostile.jsonl.errors.jsonl")
+    assert [e["line"] for e in errors] == [2, 3, 4]
+    assert "unpaired surrogate" in errors[0]["error"]
+    assert "4300 digits" in errors[1]["error"]
+    assert "longer than 8192 bytes" in errors[2]["error"]
+
+
+def test_a_file_over_the_event_budget_is_refused_and_left_to_the_job(
+    client: Any, main: Any, bucket: Any, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at once from its size, with no model work, an errors file that says how to run
+    it, and a 200 so that Eventarc does not redeliver it for a day; the job then does it."""
+    monkeypatch.setattr(main.files, "settings", replace(main.files.settings, event_max_bytes=500))
+    body = "".join(
+        json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(ticket_texts(10, seed=5))
+    )
+    assert len(body) > 500
+    blob = upload(bucket, f"inputs/{folder}/large.jsonl", body)
+    misses = main.service.cache.stats.misses
+    deliver(client, blob)
+    errors_name = f"predictions/{folder}/large.jsonl.errors.jsonl"
+    [marker] = read(bucket, errors_name)
+    assert marker["line"] is None
+    assert f"{blob.size:,} bytes" in marker["error"]
+    assert "BATCH_EVENT_MAX_BYTES=500" in marker["error"]
+    assert "batch job" in marker["error"]
+    assert f"make batch FUNCTION=sentiment INPUT=gs://{BUCKET}/{blob.name}" in marker["error"]
+    assert main.service.cache.stats.misses == misses, "the model ran"
+    assert names(bucket, f"predictions/{folder}/") == [errors_name]
+    generation = bucket.get_blob(errors_name).generation
+    deliver(client, blob)  # a redelivery leaves the marker alone
+    assert bucket.get_blob(errors_name).generation == generation
+    # The job (no size limit) processes it and replaces the marker.
+    summary = main.files.run_object(Location(BUCKET, blob.name), None)
+    assert (summary.records, summary.predictions, summary.errors) == (10, 10, 0)
+    assert read(bucket, errors_name) == []
+    assert len(read(bucket, f"predictions/{folder}/large.jsonl.predictions.jsonl")) == 10
+    deliver(client, blob)  # and an event after that finds it done
+    assert read(bucket, errors_name) == []
+
+
+def test_an_output_written_from_another_source_is_not_overwritten(
+    client: Any, main: Any, bucket: Any, folder: str
+) -> None:
+    source = upload(bucket, f"inputs/{folder}/mine.jsonl", json.dumps({"text": "hi"}) + "\n")
+    outputs = main.files.outputs_for(Location(BUCKET, source.name))
+    theirs = bucket.blob(outputs.predictions.path)
+    theirs.metadata = {"aifn-source": f"gs://{BUCKET}/elsewhere/theirs.jsonl"}
+    theirs.upload_from_string(b'{"id": "theirs"}\n')
+    untagged = upload(bucket, f"inputs/{folder}/other.jsonl", json.dumps({"text": "yo"}) + "\n")
+    hand_made = bucket.blob(main.files.outputs_for(Location(BUCKET, untagged.name)).errors.path)
+    hand_made.upload_from_string(b"a file somebody put there\n")
+    deliver(client, source)
+    deliver(client, untagged)
+    assert bucket.get_blob(outputs.predictions.path).download_as_bytes() == b'{"id": "theirs"}\n'
+    assert bucket.get_blob(outputs.errors.path) is None
+    assert bucket.get_blob(hand_made.name).download_as_bytes() == b"a file somebody put there\n"
+
+
+def test_x_csv_and_x_csv_jsonl_get_outputs_of_their_own(
+    client: Any, bucket: Any, folder: str
+) -> None:
+    csv_blob = upload(bucket, f"inputs/{folder}/x.csv", "id,text\ncsv-1,Lovely.\n")
+    jsonl_blob = upload(
+        bucket, f"inputs/{folder}/x.csv.jsonl", json.dumps({"id": "jsonl-1", "text": "Bad."}) + "\n"
+    )
+    deliver(client, csv_blob)
+    deliver(client, jsonl_blob)
+    outputs = names(bucket, f"predictions/{folder}/")
+    assert len(outputs) == 4
+    got = {
+        name: [p["id"] for p in read(bucket, name)]
+        for name in outputs
+        if name.endswith(".predictions.jsonl")
+    }
+    assert sorted(got.values()) == [["csv-1"], ["jsonl-1"]]
+
+
+def test_a_transient_failure_is_retried_by_eventarc(
+    client: Any, main: Any, bucket: Any, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that stays overloaded fails the delivery (a 5xx: Eventarc delivers it again,
+    nothing was written); the next delivery succeeds."""
+    blob = upload(bucket, f"inputs/{folder}/busy.jsonl", json.dumps({"text": "Nice!"}) + "\n")
+
+    def overloaded(texts: list[str], options: Any) -> Any:
+        raise Overloaded("the instance is at capacity")
+
+    monkeypatch.setattr(batch_engine, "OVERLOAD_RETRIES", 2)
+    capability = main.files.capability
+    monkeypatch.setattr(main.files, "capability", replace(capability, predict=overloaded))
+    deliver(client, blob, status=500)
+    assert names(bucket, f"predictions/{folder}/") == []
+    monkeypatch.setattr(main.files, "capability", capability)
+    deliver(client, blob)
+    [prediction] = read(bucket, f"predictions/{folder}/busy.jsonl.predictions.jsonl")
+    assert prediction["label"] == "POSITIVE"
+
+
 def test_health_answers_on_the_cloudevent_service(client: Any) -> None:
     """Cloud Run's startup probe: GET /v1/health on the batch service (a CloudEvent app)."""
     response = client.get("/v1/health")
@@ -269,8 +430,8 @@ def test_repeated_texts_come_from_the_shared_cache(
     hits = main.service.cache.stats.hits
     deliver(client, upload(bucket, f"inputs/{folder}/two.jsonl", body))
     assert main.service.cache.stats.hits - hits == 20
-    one = read(bucket, f"predictions/{folder}/one.jsonl")
-    two = read(bucket, f"predictions/{folder}/two.jsonl")
+    one = read(bucket, f"predictions/{folder}/one.jsonl.predictions.jsonl")
+    two = read(bucket, f"predictions/{folder}/two.jsonl.predictions.jsonl")
     assert one == two
 
 
@@ -331,8 +492,8 @@ def test_ten_thousand_lines(
     started = time.perf_counter()
     deliver(client, blob)
     seconds = time.perf_counter() - started
-    predictions = read(bucket, f"predictions/{folder}/big.jsonl")
-    errors = read(bucket, f"predictions/{folder}/big.errors.jsonl")
+    predictions = read(bucket, f"predictions/{folder}/big.jsonl.predictions.jsonl")
+    errors = read(bucket, f"predictions/{folder}/big.jsonl.errors.jsonl")
     assert len(predictions) == 9_997
     assert [e["line"] for e in errors] == [18, 4_322, 9_999]
     expected = [(f"r{i}", i + 1) for i in range(10_000) if i not in (17, 4_321, 9_998)]
@@ -377,7 +538,7 @@ def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str)
     try:
         files.run_object(location, None, outputs=single)
         first = files.run_object(location, None, shard=Shard(0, 2))
-        assert bucket.get_blob(f"predictions/{folder}/backlog.jsonl") is None
+        assert bucket.get_blob(f"predictions/{folder}/backlog.jsonl.predictions.jsonl") is None
         assert len(names(bucket, f"predictions/{folder}/")) == 2, "task 0 wrote its two parts"
         second = files.run_object(location, None, shard=Shard(1, 2))
     finally:
@@ -386,15 +547,15 @@ def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str)
     assert first.records > 0
     assert second.records > 0
     for merged, alone in (
-        (f"predictions/{folder}/backlog.jsonl", single.predictions.path),
-        (f"predictions/{folder}/backlog.errors.jsonl", single.errors.path),
+        (f"predictions/{folder}/backlog.jsonl.predictions.jsonl", single.predictions.path),
+        (f"predictions/{folder}/backlog.jsonl.errors.jsonl", single.errors.path),
     ):
         assert bucket.get_blob(merged).download_as_bytes() == (
             bucket.get_blob(alone).download_as_bytes()
         )
     assert names(bucket, f"predictions/{folder}/") == [
-        f"predictions/{folder}/backlog.errors.jsonl",
-        f"predictions/{folder}/backlog.jsonl",
+        f"predictions/{folder}/backlog.jsonl.errors.jsonl",
+        f"predictions/{folder}/backlog.jsonl.predictions.jsonl",
     ], "the parts are removed after the merge"
     # A retried task after the merge does nothing.
     again = files.run_object(location, None, shard=Shard(0, 2))
@@ -440,7 +601,7 @@ def test_job_tasks_share_a_prefix_by_files(
     assert "20 lines: 20 predicted" in outputs[0], "task 0 takes files 0 and 2"
     assert "10 lines: 10 predicted" in outputs[1], "task 1 takes file 1"
     for n in range(3):
-        predictions = read(bucket, f"predictions/{folder}/day-{n}.jsonl")
+        predictions = read(bucket, f"predictions/{folder}/day-{n}.jsonl.predictions.jsonl")
         assert [p["id"] for p in predictions] == [f"{n}-{i}" for i in range(10)]
 
 
@@ -456,8 +617,8 @@ def test_local_command_end_to_end(sentiment_model_dir: Path, tmp_path: Path) -> 
     assert "100%" in done.stderr, "no progress bar"
     predictions = [
         json.loads(line)
-        for line in (tmp_path / "tickets.predictions.jsonl").read_text().splitlines()
+        for line in (tmp_path / "tickets.csv.predictions.jsonl").read_text().splitlines()
     ]
     assert [p["id"] for p in predictions] == [str(i) for i in range(40)]
-    errors = (tmp_path / "tickets.errors.jsonl").read_text().splitlines()
+    errors = (tmp_path / "tickets.csv.errors.jsonl").read_text().splitlines()
     assert [json.loads(e)["line"] for e in errors] == [42]

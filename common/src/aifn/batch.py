@@ -31,10 +31,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
+# Metadata key of an errors file that says the input was refused, not processed.
+REFUSED = "aifn-refused"
 # Functions this repository ships; a job derives its function from these names (see
 # derive_function) when neither --function nor FUNCTION_TARGET says it.
 KNOWN_FUNCTIONS = ("sentiment", "classify")
@@ -180,26 +184,56 @@ class Processor:
     def handle_event(self, event: Any) -> Summary | None:
         """Process the object a Cloud Storage "finalized" CloudEvent names, at most once.
 
-        Returns ``None`` when the event is not ours (wrong type, outside the input prefix, our own
-        output, not a supported file). Raises on transient failures, so the event is redelivered.
+        An event that can never succeed is acknowledged (returns, so the function answers 2xx)
+        and logged: ``None`` when it is not ours (wrong type, malformed, outside the input prefix,
+        our own output, not a supported file) or its object is gone; a file over
+        ``BATCH_EVENT_MAX_BYTES`` gets an errors file pointing to the job, without model work.
+        Transient failures (Cloud Storage errors and timeouts, a model that stays overloaded)
+        raise, so Eventarc redelivers the event.
         """
-        kind = event["type"]
-        data = event.data if isinstance(event.data, dict) else json.loads(event.data or b"{}")
-        bucket, name = data.get("bucket"), data.get("name")
-        fields = {"event_id": event["id"], "bucket": bucket, "object": name, "type": kind}
-        if kind != FINALIZED or not bucket or not name:
+        parsed = parse_event(event)
+        if isinstance(parsed, str):
+            log.warning("ignored event: %s", parsed, extra={"fields": _event_fields(event)})
+            return None
+        fields = {
+            "event_id": parsed.id,
+            "bucket": parsed.bucket,
+            "object": parsed.name,
+            "type": parsed.kind,
+        }
+        if parsed.kind != FINALIZED:
             log.info("ignored event: not an object-finalized event", extra={"fields": fields})
             return None
+        bucket, name = parsed.bucket, parsed.name
         why = self.is_input(bucket, name)
         if why is not None:
             log.info("ignored %s: %s", name, why, extra={"fields": fields})
             return None
-        generation = int(data["generation"]) if data.get("generation") else None
-        summary = self.run_object(Location(bucket, name), generation)
-        log.info(
+        source = Location(bucket, name)
+        generation, size = parsed.generation, parsed.size
+        if size is None:  # not in the event: the object's own
+            info = batch_io.stat(source)
+            if info is None:
+                log.warning("ignored %s: it no longer exists", name, extra={"fields": fields})
+                return None
+            size = info.size
+            generation = generation or info.generation
+        if size > self.settings.event_max_bytes:
+            summary = self.refuse_large(source, generation, size)
+            log.warning(
+                "batch %s: %s",
+                name,
+                summary.refused[0] if summary.refused else "already refused (redelivery)",
+                extra={"fields": {**fields, "size": size}},
+            )
+            return summary
+        summary = self.run_object(source, generation)
+        log.log(
+            logging.WARNING if summary.refused else logging.INFO,
             "batch %s: %s",
             name,
-            "already done (redelivery)" if summary.skipped else summary.line(),
+            "; ".join(summary.refused)
+            or ("already done (redelivery)" if summary.skipped else summary.line()),
             extra={
                 "fields": {
                     **fields,
@@ -211,6 +245,59 @@ class Processor:
             },
         )
         return summary
+
+    def refuse_large(self, source: Location, generation: int | None, size: int) -> Summary:
+        """Write the errors file of an input too big for the event path, and nothing else.
+
+        Its one line says why and how to run the file instead (the job, or ``make batch``); it is
+        tagged ``aifn-refused``, so a redelivery leaves it alone and the job's own run replaces it.
+        """
+        outputs = self.outputs_for(source)
+        tag = {"aifn-source": str(source), "aifn-source-generation": str(generation)}
+        done = batch_io.stat(outputs.predictions)
+        if done is not None and (_same_source(done, tag) or _newer_source(done, tag)):
+            return Summary(skipped=[str(source)])  # the job (or a newer version) got there
+        marker = batch_io.stat(outputs.errors)
+        for target, info in ((outputs.predictions, done), (outputs.errors, marker)):
+            if info is not None and _foreign(info, tag):
+                return _refuse_foreign(target, info, source)
+        if marker is not None and _same_source(marker, tag) and REFUSED in marker.metadata:
+            return Summary(skipped=[str(source)])
+        why = (
+            f"the file is {size:,} bytes, more than the event path takes (BATCH_EVENT_MAX_BYTES="
+            f"{self.settings.event_max_bytes:,}, sized to finish within the batch service's "
+            f"request timeout); nothing was predicted. Run it with the batch job (`gcloud run jobs "
+            f"execute` the {self.capability.name} job: it processes every file under the input "
+            f"prefix not done yet, and can shard one file over its tasks) or `make batch "
+            f"FUNCTION={self.capability.name} INPUT={source}` (python -m aifn.batch {source}); "
+            "either replaces this file."
+        )
+        model = self.capability.service.model.identity
+        metadata = {
+            **tag,
+            REFUSED: "too-large",
+            "aifn-function": self.capability.name,
+            "aifn-model": model.name,
+            "aifn-model-revision": model.revision,
+            "aifn-records": "0",
+            "aifn-predictions": "0",
+            "aifn-errors": "1",
+        }
+        with tempfile.TemporaryDirectory(prefix=".aifn-batch-") as tmp:
+            marker_file = Path(tmp) / "errors.jsonl"
+            marker_file.write_text(
+                dumps({"id": None, "line": None, "error": why}) + "\n", encoding="utf-8"
+            )
+            try:
+                batch_io.publish(
+                    marker_file,
+                    outputs.errors,
+                    metadata=metadata,
+                    if_generation_match=marker.generation if marker is not None else 0,
+                )
+            except PreconditionFailed:
+                return Summary(skipped=[str(source)])  # a concurrent delivery wrote it
+        return Summary(errors=1, outputs=[str(outputs.errors)], refused=[why])
 
     def run_object(
         self,
@@ -230,7 +317,7 @@ class Processor:
             info = batch_io.stat(source)
             if info is None:
                 log.warning("%s no longer exists; nothing to do", source)
-                return Summary(skipped=[str(source)])
+                return Summary(refused=[f"{source} no longer exists"])
             generation = info.generation
         tag = {"aifn-source": str(source), "aifn-source-generation": str(generation)}
         targets = outputs
@@ -238,8 +325,16 @@ class Processor:
             final = batch_io.stat(outputs.predictions)
             if final is not None and _same_source(final, tag):  # merged by an earlier run
                 return Summary(skipped=[str(source)])
+            if final is not None and _foreign(final, tag):
+                return _refuse_foreign(outputs.predictions, final, source)
             targets = parts_of(outputs, shard)
         existing = batch_io.stat(targets.predictions)
+        for target, info in (
+            (targets.predictions, existing),
+            (targets.errors, batch_io.stat(targets.errors)),
+        ):
+            if info is not None and _foreign(info, tag):
+                return _refuse_foreign(target, info, source)
         if existing is not None and _same_source(existing, tag):
             summary = Summary(skipped=[str(source)])
         else:
@@ -261,8 +356,9 @@ class Processor:
                         progress=progress,
                     )
             except FileNotFoundError:
-                log.warning("%s generation %s no longer exists; nothing to do", source, generation)
-                return Summary(skipped=[str(source)])
+                why = f"{source} generation {generation} no longer exists; nothing to do"
+                log.warning("%s", why)
+                return Summary(refused=[why])
         if shard.count > 1:
             merge(outputs, shard.count)
         return summary
@@ -319,10 +415,14 @@ class Processor:
             local_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=local_dir, prefix=".aifn-batch-") as tmp:
             pred_file, err_file = Path(tmp) / "predictions.jsonl", Path(tmp) / "errors.jsonl"
-            with (
-                open(pred_file, "w", encoding="utf-8", newline="\n") as out,
-                open(err_file, "w", encoding="utf-8", newline="\n") as err,
-            ):
+            # Every string is checked for lone surrogates on the way in; backslashreplace is the
+            # net under that: a "\\udXXX" spelled in JSON, never a writer that raises.
+            text: dict[str, Any] = {
+                "encoding": "utf-8",
+                "errors": "backslashreplace",
+                "newline": "\n",
+            }
+            with open(pred_file, "w", **text) as out, open(err_file, "w", **text) as err:
                 try:
                     summary = process(
                         stream,
@@ -354,7 +454,12 @@ class Processor:
                         batch_io.publish(file, target, metadata=metadata)
                         continue
                     seen = expect if target == targets.predictions else batch_io.stat(target)
-                    if seen is not None and target == targets.errors and _same_source(seen, tag):
+                    if (
+                        seen is not None
+                        and target == targets.errors
+                        and _same_source(seen, tag)
+                        and REFUSED not in seen.metadata  # a refusal marker is replaced
+                    ):
                         continue  # written by an earlier, interrupted delivery: the same content
                     batch_io.publish(
                         file,
@@ -404,8 +509,104 @@ class Processor:
         return total
 
 
+@dataclass(frozen=True)
+class ObjectEvent:
+    """The fields of a Cloud Storage event this module reads, checked."""
+
+    id: str
+    kind: str
+    bucket: str
+    name: str
+    generation: int | None
+    size: int | None
+
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+MAX_OBJECT_NAME_BYTES = 1024  # Cloud Storage's own limit
+
+
+def parse_event(event: Any) -> ObjectEvent | str:
+    """The event's type, bucket, object name, generation and size, or why they are unusable.
+
+    Total: whatever the event holds (a payload that is not JSON or not an object, names that are
+    not strings or not valid UTF-8, a generation that is not a number), the answer is a reason,
+    never an exception; the caller acknowledges such an event, as no retry can mend it.
+    """
+    try:
+        kind, event_id, data = event.get("type"), event.get("id"), event.data
+    except Exception as exc:  # whatever object arrived, it is not an event
+        return f"not a CloudEvent ({type(exc).__name__})"
+    if not isinstance(kind, str) or not kind:
+        return "the event has no type"
+    if isinstance(data, (bytes, bytearray, str)):
+        try:
+            data = json.loads(data or b"{}")
+        except (ValueError, RecursionError):
+            return "the event's data is not JSON"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return "the event's data is not a JSON object"
+    bucket, name = data.get("bucket"), data.get("name")
+    if kind != FINALIZED:
+        return ObjectEvent(str(event_id), kind, str(bucket), str(name), None, None)
+    if not isinstance(bucket, str) or not _BUCKET_NAME.fullmatch(bucket):
+        return "the event's 'bucket' is not a bucket name"
+    if not isinstance(name, str) or not name:
+        return "the event's 'name' is not an object name"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the event's 'name' is not valid Unicode"
+    if len(encoded) > MAX_OBJECT_NAME_BYTES or "\n" in name or "\r" in name:
+        return "the event's 'name' is not an object name"
+    numbers: list[int | None] = []
+    for key in ("generation", "size"):
+        value = data.get(key)
+        if value is None or value == "":
+            numbers.append(None)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            numbers.append(value)
+        elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+            numbers.append(int(value))
+        else:
+            return f"the event's {key!r} is not a whole number"
+    return ObjectEvent(str(event_id), kind, bucket, name, numbers[0] or None, numbers[1])
+
+
+def _event_fields(event: Any) -> dict[str, Any]:
+    """What a log line may say about a malformed event: its id and type, if readable, cut short."""
+    fields: dict[str, Any] = {}
+    for key in ("id", "type"):
+        try:
+            value = event.get(key)
+        except Exception:  # logging must not fail on a strange object
+            value = None
+        if isinstance(value, str):
+            fields["event_id" if key == "id" else key] = (
+                value[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+            )
+    return fields
+
+
 def _same_source(info: ObjectInfo, tag: Mapping[str, str]) -> bool:
     return all(info.metadata.get(k) == v for k, v in tag.items())
+
+
+def _foreign(info: ObjectInfo, tag: Mapping[str, str]) -> bool:
+    """The existing object was not written from this input (another input, or not by us)."""
+    return info.metadata.get("aifn-source") != tag.get("aifn-source")
+
+
+def _refuse_foreign(target: Location, info: ObjectInfo, source: Location) -> Summary:
+    owner = info.metadata.get("aifn-source")
+    why = (
+        f"{target} exists and was written from {owner}, not {source}; not overwriting it"
+        if owner
+        else f"{target} exists and was not written by aifn.batch; not overwriting it"
+    )
+    log.warning("%s (delete it, or change BATCH_OUTPUT_PREFIX / --output)", why)
+    return Summary(refused=[why])
 
 
 def _newer_source(info: ObjectInfo, tag: Mapping[str, str]) -> bool:
@@ -513,7 +714,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         help="predictions file (local or gs://); errors go beside it. Default: for gs:// inputs "
         "BATCH_OUTPUT_BUCKET/BATCH_OUTPUT_PREFIX mirroring the input path; for a local file "
-        "<stem>.predictions.jsonl beside it",
+        "<name>.predictions.jsonl beside it (tickets.csv -> tickets.csv.predictions.jsonl)",
     )
     parser.add_argument(
         "--function",
@@ -629,7 +830,9 @@ def _run_main(argv: list[str]) -> int:
         print(f"  wrote {output}")
     for skipped in summary.skipped:
         print(f"  already done: {skipped}")
-    return 0
+    for why in summary.refused:
+        print(f"  not written: {why}")
+    return 1 if summary.refused and not summary.outputs else 0
 
 
 class _Progress:

@@ -32,6 +32,9 @@ from aifn.validation import check_string, json_type
 log = logging.getLogger(__name__)
 
 OVERLOAD_RETRIES = 100
+# A chunk is predicted early once its texts hold this many characters (long texts, e.g. near
+# BATCH_MAX_LINE_BYTES each): the chunk's memory stays bounded by this as well as by its count.
+CHUNK_TEXT_CHARS = 16 * 1024 * 1024
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -85,9 +88,10 @@ class BatchSettings:
     )
     output_prefix: str = setting(
         "BATCH_OUTPUT_PREFIX",
-        "Where outputs go: `<prefix><input path under BATCH_INPUT_PREFIX>` (`.jsonl` appended "
-        "unless the name ends with it), errors beside it as `.errors.jsonl`. In the input's "
-        "bucket it must not overlap the input prefix (the function would trigger itself).",
+        "Where outputs go: `<prefix><input path under BATCH_INPUT_PREFIX>.predictions.jsonl`, "
+        "errors beside it as `<...>.errors.jsonl` (the whole input name is kept, so no two "
+        "inputs share an output). In the input's bucket it must not overlap the input prefix "
+        "(the function would trigger itself).",
         "predictions/",
         parse=_prefix,
     )
@@ -109,6 +113,24 @@ class BatchSettings:
         "Records read, predicted and written at a time (memory stays bounded by it). Also the "
         "unit a job shards one file by: task i of N takes chunks i, i+N, ...",
         256,
+        parse=positive_int,
+    )
+    max_line_bytes: int = setting(
+        "BATCH_MAX_LINE_BYTES",
+        "Longest JSONL line (or CSV record) in bytes. A longer one is that record's error, "
+        "skipped without being held in memory; with `BATCH_CHUNK_SIZE` it bounds a file's memory "
+        "whatever its content.",
+        1_048_576,
+        parse=positive_int,
+    )
+    event_max_bytes: int = setting(
+        "BATCH_EVENT_MAX_BYTES",
+        "Largest file the event path takes (from the object's size). A bigger one is refused "
+        "at once, without model work: its errors file says so and points to the job (or `make "
+        "batch INPUT=gs://...`). Keep it to what finishes well within the batch service's "
+        "request timeout: sentiment reads about 38 KB/s of 20-word texts on 2 vCPUs, so 8 MiB "
+        "is about 220 s of Terraform's 600 s.",
+        8_388_608,
         parse=positive_int,
     )
     options: Mapping[str, Any] | None = setting(
@@ -179,6 +201,8 @@ class Summary:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # inputs already done (redelivery)
+    # Why an input was not processed: gone, too big for the event path, someone else's output.
+    refused: list[str] = field(default_factory=list)
 
     @property
     def texts_per_second(self) -> float:
@@ -189,6 +213,7 @@ class Summary:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.outputs += other.outputs
         self.skipped += other.skipped
+        self.refused += other.refused
 
     def line(self) -> str:
         return (
@@ -243,6 +268,7 @@ class _Engine:
         self.summary = Summary()
         self._parsed: dict[str, tuple[Hashable, str | None]] = {}
         self._pending: list[_Item] = []
+        self._pending_chars = 0
         self._failed: list[tuple[int, Any, str]] = []
 
     def record(self, raw: batch_io.RawRecord) -> None:
@@ -265,6 +291,11 @@ class _Engine:
                 )
             )
             return
+        elif isinstance(record_id, str) and not _encodable(record_id):
+            # JSON can spell a lone surrogate ("\\ud800") that no UTF-8 output can hold.
+            why = f"'{self.settings.id_column}' contains an unpaired surrogate escape"
+            self._failed.append((raw.line, None, why))
+            return
         try:
             text = check_string(fields.get(self.settings.text_column), self.settings.text_column)
         except InvalidRequest as exc:
@@ -277,12 +308,15 @@ class _Engine:
             self._failed.append((raw.line, record_id, problem))
             return
         self._pending.append(_Item(raw.line, record_id, text, options))
+        self._pending_chars += len(text)
+        if self._pending_chars > CHUNK_TEXT_CHARS:  # long texts: predict what we hold now
+            self.flush()
 
     def _options(self, fields: Mapping[str, Any]) -> tuple[Hashable, str | None]:
         merged = dict(self.file_options)
         merged.update((k, v) for k, v in fields.items() if k in self.cap.option_fields)
         key = json.dumps(merged, sort_keys=True, ensure_ascii=False)
-        if key not in self._parsed:  # each distinct set of options is parsed once
+        if key not in self._parsed:  # each distinct set of options is parsed once per chunk
             try:
                 self._parsed[key] = (self.cap.parse_options(merged), None)
             except InvalidRequest as exc:
@@ -319,7 +353,11 @@ class _Engine:
             else:
                 self.summary.errors += 1
         self._pending.clear()
+        self._pending_chars = 0
         self._failed.clear()
+        # Parsed options live for one chunk: a file whose every record brings its own options
+        # holds one chunk's worth, not the whole file's.
+        self._parsed.clear()
         if self.progress is not None:
             self.progress(self.summary)
 
@@ -337,6 +375,14 @@ class _Engine:
 
 def dumps(row: Mapping[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def process(
@@ -387,19 +433,25 @@ def process(
             engine.flush()
         return shard.owns(ordinal // chunk)
 
+    too_long = f"the line is longer than {settings.max_line_bytes} bytes (BATCH_MAX_LINE_BYTES)"
     if fmt == "jsonl":
         first = True
-        for number, line in batch_io.jsonl_lines(stream):
-            if first:
-                first = False
+        for number, line in batch_io.jsonl_lines(stream, settings.max_line_bytes):
+            if first and line is not None:
                 header = _header(line, capability, settings)
                 if header is not None:
+                    first = False
                     engine.file_options.update(header)
                     continue
+            first = False
             if owned():
-                engine.record(_jsonl_record(number, line))
+                engine.record(
+                    _jsonl_record(number, line)
+                    if line is not None
+                    else batch_io.RawRecord(number, None, too_long)
+                )
     elif fmt == "csv":
-        columns, rows = batch_io.csv_rows(stream)
+        columns, rows = batch_io.csv_rows(stream, settings.max_line_bytes)
         if settings.text_column not in columns:
             raise batch_io.UnreadableFile(
                 f"the header row {columns} has no column {settings.text_column!r} "
@@ -457,7 +509,7 @@ def _cell_value(value: str) -> Any:
     if stripped[:1] in "[{" or stripped in {"true", "false"}:
         try:
             return json.loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, too deep, a number over the digit limit
             return value
     return value
 
@@ -479,9 +531,12 @@ def part_name(name: str, shard: Shard) -> str:
 
 
 def local_output(path: str) -> str:
-    """A local input's default predictions file: beside it, ``<stem>.predictions.jsonl``."""
-    p = Path(path)
-    return str(p.with_name(p.with_suffix("").name + ".predictions.jsonl"))
+    """A local input's default predictions file: beside it, ``<name>.predictions.jsonl``.
+
+    The whole input name is kept (``t.csv`` -> ``t.csv.predictions.jsonl``), so inputs that
+    differ only in their extension never share an output.
+    """
+    return path + ".predictions.jsonl"
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -495,13 +550,19 @@ class Outputs:
 
 def outputs_for(settings: BatchSettings, source: Location) -> Outputs:
     """Where a ``gs://`` input's predictions and errors go: the input's path under
-    ``BATCH_INPUT_PREFIX``, mirrored under ``BATCH_OUTPUT_PREFIX``."""
+    ``BATCH_INPUT_PREFIX``, mirrored under ``BATCH_OUTPUT_PREFIX``, with ``.predictions.jsonl``
+    and ``.errors.jsonl`` added to the whole name.
+
+    One input, one pair of names: ``t.csv`` and ``t.csv.jsonl`` (or ``t.jsonl`` and
+    ``t.errors.jsonl``) never write to the same object, as they would if a suffix were dropped
+    or added only sometimes.
+    """
     assert source.bucket is not None
     name = settings.output_prefix + source.path.removeprefix(settings.input_prefix)
-    if not name.endswith(".jsonl"):
-        name += ".jsonl"
     bucket = settings.output_bucket or source.bucket
-    return Outputs(Location(bucket, name), Location(bucket, errors_name(name)))
+    return Outputs(
+        Location(bucket, name + ".predictions.jsonl"), Location(bucket, name + ".errors.jsonl")
+    )
 
 
 def parts_of(outputs: Outputs, shard: Shard) -> Outputs:

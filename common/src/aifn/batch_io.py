@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -129,17 +131,33 @@ def delete(location: Location) -> None:
 
 
 class _Counting(io.RawIOBase):
-    """A read-only stream that reports how many bytes have passed through it."""
+    """A read-only stream that reports how many bytes have passed through it.
 
-    def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None] | None) -> None:
+    ``gone`` is the exception type that means the object no longer exists (Cloud Storage's
+    ``NotFound``, which a pinned generation raises on its first read, not at open): it becomes
+    :class:`FileNotFoundError`, whenever it happens.
+    """
+
+    def __init__(
+        self,
+        raw: BinaryIO,
+        on_bytes: Callable[[int], None] | None,
+        gone: type[BaseException] | tuple[type[BaseException], ...] = (),
+        name: str = "",
+    ) -> None:
         self._raw = raw
         self._on_bytes = on_bytes
+        self._gone = gone
+        self._name = name
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
+        try:
+            data = self._raw.read(len(buffer))
+        except self._gone:
+            raise FileNotFoundError(self._name) from None
         n = len(data)
         buffer[:n] = data
         if n and self._on_bytes is not None:
@@ -159,9 +177,11 @@ def open_input(
     Raises:
         FileNotFoundError: The file or object (at that generation) does not exist.
     """
+    gone: tuple[type[BaseException], ...] = ()
     if location.is_gcs:
         from google.api_core.exceptions import NotFound
 
+        gone = (NotFound,)
         try:
             raw = _blob(location, generation).open("rb", chunk_size=READ_CHUNK_BYTES)
         except NotFound:
@@ -169,7 +189,7 @@ def open_input(
     else:
         raw = open(location.path, "rb")  # noqa: SIM115 - closed below
     try:
-        yield io.BufferedReader(_Counting(raw, on_bytes), READ_CHUNK_BYTES)
+        yield io.BufferedReader(_Counting(raw, on_bytes, gone, str(location)), READ_CHUNK_BYTES)
     finally:
         raw.close()
 
@@ -232,10 +252,109 @@ class RawRecord:
     error: str | None = None
 
 
-def _decoded(stream: BinaryIO) -> io.TextIOWrapper:
-    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad line is reported
-    # as that line's error instead of stopping the whole file.
-    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+class LineTooLong(Exception):
+    """A line (or a CSV record) over the reader's limit; it was skipped, never held whole."""
+
+
+_LINE_END = re.compile(rb"\r\n?|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class BoundedLines:
+    r"""The lines of a binary stream, decoded, none of them ever held past ``limit`` bytes.
+
+    Lines end at ``\n``, ``\r\n`` or a lone ``\r`` (universal newlines, as
+    :class:`io.TextIOWrapper` reads them with ``newline=""``) and come out with their line break;
+    a UTF-8 byte-order mark at the start is dropped, and undecodable bytes stay lone surrogates
+    (``surrogateescape``), so one bad line is reported as that line's error instead of stopping
+    the whole file. A line longer than ``limit`` bytes (its line break not counted) raises
+    :class:`LineTooLong` once the reader has skipped through its line break, reading on in blocks
+    without keeping them: memory stays under ``limit`` plus one block, whatever the file holds (a
+    1 GB line, or a file with no line break at all).
+
+    ``line`` counts the physical lines consumed so far. For CSV, where a quoted record may span
+    lines, ``record_limit`` also bounds the bytes since the last :meth:`start_record`.
+    """
+
+    def __init__(self, stream: BinaryIO, limit: int, *, block: int = 64 * 1024) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._block = block
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._record = 0
+        self.line = 0
+
+    def __iter__(self) -> BoundedLines:
+        return self
+
+    def start_record(self) -> None:
+        """A CSV record starts at the next line: its byte count starts again."""
+        self._record = 0
+
+    def __next__(self) -> str:
+        raw = self._next_bytes()
+        if raw is None:
+            raise StopIteration
+        if self.line == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        self._record += len(raw) - (2 if raw.endswith(b"\r\n") else raw.endswith((b"\n", b"\r")))
+        if self._record > self._limit:
+            raise LineTooLong(f"longer than {self._limit} bytes")
+        return raw.decode("utf-8", "surrogateescape")
+
+    def _next_bytes(self) -> bytes | None:
+        scan = self._pos
+        while True:
+            found = _LINE_END.search(self._buf, scan)
+            # A \r at the very end of the buffer may be the first half of \r\n: read on to see.
+            if found is not None and (found.end() < len(self._buf) or found.group() != b"\r"
+                                      or self._eof):  # fmt: skip
+                start, self._pos = self._pos, found.end()
+                self.line += 1
+                if found.start() - start > self._limit:
+                    raise LineTooLong(f"longer than {self._limit} bytes")
+                return bytes(self._buf[start : found.end()])
+            scan = found.start() if found is not None else len(self._buf)
+            if scan - self._pos > self._limit:
+                self._skip_line()
+                self.line += 1
+                raise LineTooLong(f"longer than {self._limit} bytes")
+            if self._eof:
+                if self._pos == len(self._buf):
+                    return None
+                start, self._pos = self._pos, len(self._buf)
+                self.line += 1
+                return bytes(self._buf[start:])
+            scan -= self._fill()
+
+    def _fill(self) -> int:
+        """Drop what was consumed, read one more block; returns how far offsets moved."""
+        moved = self._pos
+        del self._buf[:moved]
+        self._pos = 0
+        data = self._stream.read(self._block)
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+        return moved
+
+    def _skip_line(self) -> None:
+        """Read through the end of the current (too long) line, keeping nothing of it."""
+        while True:
+            found = _LINE_END.search(self._buf, self._pos)
+            if found is not None and (found.end() < len(self._buf) or found.group() != b"\r"
+                                      or self._eof):  # fmt: skip
+                self._pos = found.end()
+                return
+            # Keep only a trailing \r (it may pair with the next block's \n).
+            self._pos = found.start() if found is not None else len(self._buf)
+            if self._eof:
+                self._pos = len(self._buf)
+                return
+            self._fill()
 
 
 def _valid_utf8(text: str) -> bool:
@@ -246,11 +365,23 @@ def _valid_utf8(text: str) -> bool:
     return True
 
 
-def jsonl_lines(stream: BinaryIO) -> Iterator[tuple[int, str]]:
-    """(line number, line) for every non-blank line; undecodable bytes stay lone surrogates."""
-    for number, line in enumerate(_decoded(stream), start=1):
+def jsonl_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, str | None]]:
+    """(line number, line) for every non-blank line; ``None`` for a line over the limit.
+
+    Undecodable bytes stay lone surrogates.
+    """
+    lines = BoundedLines(stream, max_line_bytes)
+    while True:
+        lines.start_record()
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except LineTooLong:
+            yield lines.line, None
+            continue
         if line.strip():
-            yield number, line
+            yield lines.line, line
 
 
 def parse_jsonl_line(line: str) -> dict[str, Any] | str:
@@ -263,39 +394,49 @@ def parse_jsonl_line(line: str) -> dict[str, Any] | str:
         return f"not valid JSON ({exc.msg} at column {exc.colno})"
     except RecursionError:
         return "not valid JSON (nested too deeply)"
+    except ValueError:  # the only other: an integer over Python's digit limit (4,300)
+        return f"not valid JSON (a number with more than {sys.get_int_max_str_digits()} digits)"
     if not isinstance(record, dict):
         return "not a JSON object"
     return record
 
 
-def csv_rows(stream: BinaryIO) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+def csv_rows(
+    stream: BinaryIO, max_record_bytes: int
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header row and an iterator of (first line number, cells) for every other row.
+
+    A record (its lines, when quoted cells span several) over ``max_record_bytes`` is reported
+    as that record's error; the reader goes on at the next line.
 
     Raises:
         UnreadableFile: The file has no header row.
     """
-    text = _decoded(stream)
-    reader = csv.reader(text, strict=False)
+    lines = BoundedLines(stream, max_record_bytes)
+    reader = csv.reader(lines, strict=False)
     try:
         header = next(reader)
     except StopIteration:
         raise UnreadableFile("the file is empty; a CSV needs a header row") from None
     except csv.Error as exc:
         raise UnreadableFile(f"the header row is not valid CSV ({exc})") from None
+    except LineTooLong as exc:
+        raise UnreadableFile(f"the header row is {exc}") from None
 
     def rows() -> Iterator[tuple[int, list[str]]]:
-        end = reader.line_num
         while True:
-            start = end + 1
+            start = lines.line + 1
+            lines.start_record()
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:  # e.g. a NUL byte; the reader moves on to the next line
-                end = reader.line_num
                 yield start, [f"\0csv error: {exc}"]
                 continue
-            end = reader.line_num
+            except LineTooLong as exc:  # the reader starts again at the next line
+                yield start, [f"\0csv error: the record is {exc} (BATCH_MAX_LINE_BYTES)"]
+                continue
             if cells and any(c.strip() for c in cells):
                 yield start, cells
 
