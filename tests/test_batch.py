@@ -499,10 +499,9 @@ def test_a_csv_record_over_the_limit_is_a_record_error(tmp_path: Path) -> None:
         "4,after\n"
     )
     predictions, errors, _ = run(tmp_path, content, name="in.csv", env=env)
-    assert [p["id"] for p in predictions][:1] == ["1"]
-    assert predictions[-1]["id"] == "4"
-    assert [e["line"] for e in errors][:2] == [3, 4]
-    assert "longer than 64 bytes" in errors[0]["error"]
+    assert [(p["id"], p["line"]) for p in predictions] == [("1", 2), ("4", 7)]
+    assert [(e["line"], e["id"]) for e in errors] == [(3, None), (4, None)]
+    assert all("record is longer than 64 bytes" in e["error"] for e in errors)
     # The header row itself over the limit: the file is unreadable, said once.
     predictions, errors, _ = run(tmp_path, "text," + "c" * 100 + "\nhello,x\n", name="in.csv",
                                  env=env)  # fmt: skip

@@ -67,8 +67,10 @@ from aifn.settings import read_env
 
 __all__ = [
     "FINALIZED",
+    "REFUSED",
     "BatchSettings",
     "Capability",
+    "ObjectEvent",
     "Outputs",
     "Processor",
     "Shard",
@@ -79,6 +81,7 @@ __all__ = [
     "main",
     "merge",
     "outputs_for",
+    "parse_event",
     "part_name",
 ]
 
