@@ -40,7 +40,7 @@ AIFN_CACHE := $(or $(AIFN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aifn
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-threads bench-load services infra-check
+.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-threads bench-load bench-batch-memory services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -155,3 +155,6 @@ bench-load: $(DEV_STAMP) model  ## Throughput under load vs the seed's naive pat
 
 bench-cache: model services  ## Prediction cache: hit vs miss, in-process vs Redis vs none (bench/cache.py).
 	HF_HUB_OFFLINE=1 $(PY) bench/cache.py --json bench/results/cache.json
+
+bench-batch-memory: $(RUNTIME_STAMP)  ## Batch files: peak RSS on a 1 GB single-line file and a 1M-line file vs a small one (bench/batch_memory.py).
+	$(PY) bench/batch_memory.py --json bench/results/batch-memory.json $(BENCH_ARGS)
