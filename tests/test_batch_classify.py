@@ -17,8 +17,9 @@ from typing import Any
 import functions_framework
 import pytest
 
+from aifn.batch import FINALIZED
+
 from .conftest import REPO
-from .test_batch_storage import deliver, read, upload
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +73,40 @@ def app(storage_emulator: str) -> tuple[Any, Any]:
         os.environ.update(saved)
     assert module.zero_shot is not None, "the packaged classify model should be an encoder"
     return flask_app.test_client(), module
+
+
+def upload(bucket: Any, name: str, content: str) -> Any:
+    blob = bucket.blob(name)
+    blob.upload_from_string(content.encode("utf-8"))
+    blob.reload()
+    return blob
+
+
+def deliver(client: Any, blob: Any) -> None:
+    """POST the "object finalized" CloudEvent Eventarc sends (binary content mode)."""
+    response = client.post(
+        "/",
+        json={
+            "bucket": blob.bucket.name,
+            "name": blob.name,
+            "generation": str(blob.generation),
+            "size": str(blob.size),
+        },
+        headers={
+            "ce-id": uuid.uuid4().hex,
+            "ce-specversion": "1.0",
+            "ce-source": f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}",
+            "ce-type": FINALIZED,
+            "ce-subject": f"objects/{blob.name}",
+        },
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def read(bucket: Any, name: str) -> list[dict[str, Any]]:
+    blob = bucket.get_blob(name)
+    assert blob is not None, f"{name} was not written"
+    return [json.loads(line) for line in blob.download_as_text().splitlines()]
 
 
 def test_header_labels_line_overrides_and_bad_options(app: tuple[Any, Any], bucket: Any) -> None:
