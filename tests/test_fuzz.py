@@ -27,7 +27,7 @@ from schemathesis.engine import StopReason, events, from_schema
 
 from aifn.errors import InvalidRequest
 from aifn.openapi import COMPONENTS
-from aifn.validation import check_string
+from aifn.validation import check_string, fold
 
 from .conftest import REPO, SENTIMENT_MODEL
 from .test_classify_api import CLASSIFY_MODEL
@@ -99,7 +99,8 @@ def _classify_cross_field_rules(
 ) -> schemathesis.Case[Any]:
     """Make a schema-valid classify request obey the two rules JSON Schema cannot state.
 
-    The document says them in prose: labels are unique ignoring case and surrounding spaces, and
+    The document says them in prose: labels are unique ignoring case, Unicode normalisation and
+    surrounding spaces (``fold``), and
     `descriptions` keys must be labels. A valid case that breaks them would be a false "valid data
     rejected"; every other valid case is sent as generated.
     """
@@ -121,10 +122,10 @@ def _classify_cross_field_rules(
     for i, label in enumerate(labels):
         assert isinstance(label, str)
         candidate, n = label, 0
-        while candidate.strip().casefold() in seen:
+        while fold(candidate) in seen:
             n += 1
             candidate = f"label {i}.{n}"
-        seen.add(candidate.strip().casefold())
+        seen.add(fold(candidate))
         unique.append(candidate)
     body["labels"] = list(unique)
     if isinstance(descriptions, dict):

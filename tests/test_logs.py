@@ -82,3 +82,26 @@ def test_exceptions_carry_their_stack_trace() -> None:
     assert entry["severity"] == "ERROR"
     assert "ValueError: boom" in entry["stack_trace"]
     assert entry["message"].startswith("failed\nTraceback")
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "cloud"),
+    [
+        (None, f"{TRACE}/{'9' * 5000}"),  # int() refuses > 4,300 digits: was a 500 on every path
+        (None, f"{TRACE}/{2**64}"),  # a span id is an unsigned 64-bit number
+        (None, f"{TRACE}/" + "\u0669\u0660"),  # `\d` matched Arabic-Indic digits
+        (None, f"{'0' * 32}/1"),
+        (None, TRACE + "/1" * 10_000),
+        ("ff-" + TRACE + "-00f067aa0ba902b7-01", None),  # version ff is invalid
+        (f"00-{TRACE}-{'0' * 16}-01", None),  # so is an all-zero parent id
+        ("0" * 100_000, "a" * 100_000),
+    ],
+)
+def test_a_bad_trace_header_is_ignored(traceparent, cloud) -> None:
+    assert logs.parse_trace(traceparent, cloud) is None
+
+
+def test_the_largest_span_id_is_kept() -> None:
+    assert logs.parse_trace(None, f"{TRACE}/{2**64 - 1}") == logs.TraceContext(
+        TRACE, "ffffffffffffffff", False
+    )

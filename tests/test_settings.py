@@ -38,6 +38,8 @@ def test_every_variable_is_read() -> None:
         "MAX_TOKENS": "64",
         "INFERENCE_BATCH_SIZE": "4",
         "BATCH_WAIT_MS": "2.5",
+        "MAX_TEXT_CHARS": "300",
+        "MAX_REQUEST_TOKENS": "512",
         "MAX_QUEUED_TEXTS": "40",
         "REQUEST_TIMEOUT_SECONDS": "12",
         "INTRA_OP_THREADS": "3",
@@ -50,6 +52,7 @@ def test_every_variable_is_read() -> None:
         "METRICS": "off",
         "CACHE_MAX_ENTRIES": "500",
         "CACHE_TTL_SECONDS": "60",
+        "CACHE_SCOPE": "shared",
         "REDIS_URL": "rediss://:pw@10.0.0.3:6378/0",
         "REDIS_HOST": "10.0.0.3",
         "REDIS_PORT": "6378",
@@ -60,6 +63,7 @@ def test_every_variable_is_read() -> None:
         "RATE_LIMIT": "60/minute",
         "IAM_REQUIRED": "true",
         "FORWARDED_FOR_HOPS": "2",
+        "RATE_LIMIT_IPV6_PREFIX": "48",
         "API_KEYS": "key-one-0123456789abcdef,key-two-0123456789abcdef",
     }
     s = Settings.from_env(default_model_dir=DEFAULT_DIR, environ=env)
@@ -70,6 +74,8 @@ def test_every_variable_is_read() -> None:
         max_tokens=64,
         inference_batch_size=4,
         batch_wait_ms=2.5,
+        max_text_chars=300,
+        max_request_tokens=512,
         max_queued_texts=40,
         request_timeout_seconds=12.0,
         intra_op_threads=3,
@@ -82,6 +88,7 @@ def test_every_variable_is_read() -> None:
         metrics=False,
         cache_max_entries=500,
         cache_ttl_seconds=60,
+        cache_scope="shared",
         redis_url="rediss://:pw@10.0.0.3:6378/0",
         redis_host="10.0.0.3",
         redis_port=6378,
@@ -92,10 +99,17 @@ def test_every_variable_is_read() -> None:
         rate_limit=Rate(60, 60.0),
         iam_required=True,
         forwarded_for_hops=2,
+        rate_limit_ipv6_prefix=48,
         api_keys=("key-one-0123456789abcdef", "key-two-0123456789abcdef"),
     )
     # Every documented variable appears in this test, so a new knob cannot go untested.
     assert {var for var, _, _ in documented_settings()} == set(env)
+
+
+def test_max_text_chars_follows_max_tokens_unless_set() -> None:
+    assert Settings.from_env(default_model_dir=DEFAULT_DIR, environ={}).max_text_chars == 2048
+    env = {"MAX_TOKENS": "128"}
+    assert Settings.from_env(default_model_dir=DEFAULT_DIR, environ=env).max_text_chars == 1024
 
 
 def test_empty_values_mean_default() -> None:

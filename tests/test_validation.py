@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import flask
 import pytest
 
 from aifn import errors
-from aifn.validation import parse_texts, read_json, require_object
+from aifn.validation import (
+    _BLANK,
+    TEXT_PATTERN,
+    decode_json,
+    fold,
+    parse_texts,
+    read_json,
+    require_object,
+)
 
 app = flask.Flask(__name__)
 
@@ -132,3 +143,85 @@ def test_invalid_shapes(body: dict[str, object], message: str) -> None:
 def test_too_many_texts() -> None:
     with pytest.raises(errors.TooManyTexts, match="4 texts in one request; the limit is 3"):
         parse_texts({"texts": ["a", "b", "c", "d"]}, max_texts=3)
+
+
+# --- decoding is total (issue 18) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"n": ' + "1" * 4301 + "}", "number is too long"),
+        ('{"n": NaN}', "NaN is not a JSON value"),
+        ('{"n": -Infinity}', "-Infinity is not a JSON value"),
+        ('{"a": {"b": 1, "b": 2}}', "'b' appears twice"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_decode_json_refuses_what_python_would_crash_on_or_read_leniently(
+    text: str, says: str
+) -> None:
+    with pytest.raises(errors.InvalidJson, match=says):
+        decode_json(text)
+
+
+def test_decode_json_keeps_what_rfc_8259_allows() -> None:
+    assert decode_json('{"n": ' + "1" * 4300 + ', "x": 1e999, "k": {"a": 1}, "l": {"a": 2}}')[
+        "k"
+    ] == {"a": 1}
+
+
+def test_an_error_message_never_echoes_a_whole_key() -> None:
+    with pytest.raises(errors.InvalidJson) as caught:
+        decode_json('{"' + "k" * 10_000 + '": 1, "' + "k" * 10_000 + '": 2}')
+    assert len(caught.value.message) < 200
+
+
+def test_text_pattern_cannot_backtrack_quadratically() -> None:
+    """Structural: the pattern is blanks, one first character, the rest, and the first two
+    classes share no character, so there is one way to split any text (no backtracking search).
+
+    The old `[^\\x00]*[^\\x00 blanks][^\\x00]*` tried every split: quadratic on a long text with a
+    NUL at its end.
+    """
+    prefix = f"^[{_BLANK}]*"
+    assert TEXT_PATTERN.startswith(prefix)
+    first, rest = TEXT_PATTERN[len(prefix) :].split("]", 1)
+    assert rest == "[^\\x00]*$"
+    blank, first_char = re.compile(f"[{_BLANK}]"), re.compile(first + "]")
+    overlap = [
+        c for c in map(chr, range(0x10000)) if blank.fullmatch(c) and first_char.fullmatch(c)
+    ]
+    assert not overlap
+
+
+def test_text_pattern_matches_a_pathological_text_in_a_bounded_number_of_steps() -> None:
+    # 10^5 letters then a NUL: the old pattern made ~5 * 10^9 steps (hours); this one ~10^5.
+    # A subprocess, so a regression ends in the timeout instead of hanging the suite.
+    code = (
+        "import re, sys; from aifn.validation import TEXT_PATTERN as P; "
+        "sys.exit(0 if re.match(P, 'a' * 100_000 + '\\x00') is None "
+        "and re.match(P, ' ' * 100_000 + 'a') else 1)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, check=False)
+    assert done.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("café", "cafe\u0301"),  # NFC: precomposed vs combining accent
+        ("billing", "\uff42\uff49\uff4c\uff4c\uff49\uff4e\uff47"),  # NFKC: full-width
+        ("file", "\ufb01le"),  # NFKC: the fi ligature
+        ("Straße", "STRASSE"),  # case folding
+        ("billing", "bill\u00ading"),  # a soft hyphen (Cf)
+        ("billing", "bil\u200bling"),  # a zero-width space (Cf)
+        (" Billing ", "billing"),
+    ],
+)
+def test_fold_makes_names_that_read_the_same_equal(a: str, b: str) -> None:
+    assert fold(a) == fold(b)
+
+
+def test_fold_keeps_different_names_apart() -> None:
+    assert len({fold(x) for x in ("billing", "bill", "Billing report", "bílling", "1", "١")}) == 6

@@ -34,6 +34,16 @@ class ClassifySettings:
         4096,
         parse=positive_int,
     )
+    label_cache_share: int = setting(
+        "LABEL_CACHE_CALLER_SHARE",
+        "Label embeddings one caller alone may hold in the label cache (at least `MAX_LABELS`). "
+        "A label only one caller has used is that caller's; past its share its own oldest label "
+        "makes room, and a label a second caller uses becomes everyone's, which no single "
+        "caller's new labels evict. So random labels from one caller displace at most this many "
+        "of other callers' entries.",
+        256,
+        parse=positive_int,
+    )
     zero_shot_template: str = setting(
         "ZERO_SHOT_TEMPLATE",
         "How a bare label is phrased before it is embedded; must contain `{label}`. A request's "

@@ -16,13 +16,22 @@ import flask
 import functions_framework
 from classify_settings import ClassifySettings, check_template
 from cloudevents.http import CloudEvent
-from zero_shot import ZeroShotClassifier
+from zero_shot import ZeroShotClassifier, prompts
 
 from aifn import batch, runtime
+from aifn.cache import current_scope
 from aifn.errors import InvalidRequest
+from aifn.limits import mark_cut
 from aifn.model import CLASSIFIER, ENCODER, Prediction, TextClassifier, TextEncoder, rank
 from aifn.openapi import ref
-from aifn.validation import TEXT_PATTERN, check_string, json_type, parse_texts, require_object
+from aifn.validation import (
+    TEXT_PATTERN,
+    check_string,
+    fold,
+    json_type,
+    parse_texts,
+    require_object,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_LABEL_CHARS = 100
@@ -43,7 +52,12 @@ service = runtime.start(
     kinds=(ENCODER, CLASSIFIER),
 )
 zero_shot = (
-    ZeroShotClassifier(service.batcher, cache_size=options.label_cache_size)
+    ZeroShotClassifier(
+        service.batcher,
+        cache_size=options.label_cache_size,
+        # A request's own new labels always fit in its caller's share.
+        cache_share=max(options.label_cache_share, options.max_labels),
+    )
     if isinstance(service.model, TextEncoder)
     else None
 )
@@ -75,7 +89,8 @@ def _request_schema() -> dict[str, Any]:
                 "minItems": 2,
                 "maxItems": options.max_labels,
                 "uniqueItems": True,
-                "description": "The labels to score (unique, case-insensitively)."
+                "description": "The labels to score: unique, ignoring case, Unicode (NFKC) "
+                "normalisation, invisible format characters and surrounding spaces."
                 + ("" if ZERO_SHOT else " Must be labels of the model; narrows its labels."),
             },
             "descriptions": {
@@ -156,15 +171,16 @@ def parse_labels(body: Mapping[str, Any], *, required: bool) -> list[str] | None
         if key in seen:
             raise InvalidRequest(
                 f"'labels[{i}]' ({value!r}) repeats 'labels[{seen[key]}]'; labels must be unique "
-                "(ignoring case and surrounding spaces)"
+                "(ignoring case, Unicode normalisation and surrounding spaces)"
             )
         seen[key] = i
     return list(labels)
 
 
 def _label_key(label: str) -> str:
-    """Labels that differ only in case or surrounding spaces are the same label."""
-    return label.strip().casefold()
+    """Labels that differ only in case, Unicode normalisation, invisible format characters or
+    surrounding spaces are the same label (:func:`aifn.validation.fold`)."""
+    return fold(label)
 
 
 def parse_descriptions(body: Mapping[str, Any], labels: list[str]) -> dict[str, str]:
@@ -233,9 +249,30 @@ def fine_tuned(
     return results
 
 
+def work_units(body: Any) -> int:
+    """A request's units of work: its texts, plus its label prompts not in the label cache.
+
+    Each is one forward pass of the model; what the rate limit charges (Service.work_units).
+    Raises the request's own 4xx when the body is invalid.
+    """
+    request = require_object(body, allowed=FIELDS)
+    texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
+    return len(texts) + len(new_label_prompts(parse_options(request)))
+
+
+def new_label_prompts(parsed: "Options") -> list[str]:
+    """The label prompts of a request the model would have to embed (zero-shot only)."""
+    if zero_shot is None or parsed.labels is None:
+        return []
+    return zero_shot.new_prompts(
+        prompts(list(parsed.labels), dict(parsed.descriptions), parsed.template)
+    )
+
+
 @service.post(
     "/v1/classify",
     summary="Classify one text or a batch of texts.",
+    work=work_units,
     request_schema=_request_schema(),
     response_schema=RESPONSE_SCHEMA,
     request_example={
@@ -252,6 +289,8 @@ def classify_texts(body: Any) -> dict[str, Any]:
     request = require_object(body, allowed=FIELDS)
     texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
     parsed = parse_options(request)
+    # MAX_REQUEST_TOKENS, before any model work: the texts and the label prompts to embed.
+    service.limits.check(texts, new_label_prompts(parsed))
     return {
         "model": service.model.identity.to_json(),
         "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
@@ -291,21 +330,33 @@ def parse_options(request: Mapping[str, Any]) -> Options:
 
 
 def predict(texts: list[str], parsed: Options) -> list[Prediction]:
-    """Through the prediction cache, then the batcher: the same path for HTTP and batch files."""
+    """Through the prediction cache, then the batcher: the same path for HTTP and batch files.
+
+    Each text is first cut to MAX_TEXT_CHARS (a cut text's result says ``truncated``); new label
+    embeddings are cached as the caller's (its cache scope; batch files have one of their own).
+    """
+    texts, cut = service.limits.cut(texts)
     if zero_shot is not None:
         assert parsed.labels is not None
-        return zero_shot.classify(
-            texts,
-            list(parsed.labels),
-            descriptions=dict(parsed.descriptions),
-            template=parsed.template,
-            multi_label=parsed.multi_label,
-            threshold=options.multi_label_threshold,
-            cache=service.cache,
+        return mark_cut(
+            zero_shot.classify(
+                texts,
+                list(parsed.labels),
+                descriptions=dict(parsed.descriptions),
+                template=parsed.template,
+                multi_label=parsed.multi_label,
+                threshold=options.multi_label_threshold,
+                cache=service.cache,
+                owner=current_scope(),
+            ),
+            cut,
         )
     assert isinstance(service.model, TextClassifier)
-    return fine_tuned(
-        service.model, texts, list(parsed.labels) if parsed.labels is not None else None
+    return mark_cut(
+        fine_tuned(
+            service.model, texts, list(parsed.labels) if parsed.labels is not None else None
+        ),
+        cut,
     )
 
 

@@ -37,48 +37,113 @@ Embed = Callable[[list[str]], list[tuple[np.ndarray, bool]]]
 
 
 class LabelCache:
-    """Embeddings of label prompts, least recently used evicted first; safe across threads."""
+    """Embeddings of label prompts, shared by every caller, that no one caller can flush.
 
-    def __init__(self, embed: Embed, capacity: int) -> None:
+    Two segments, as in a segmented LRU, with owners:
+
+    - *own*: a prompt only one caller has used. Each caller holds at most ``share`` of these;
+      past that, its own least recently used entry makes room, never another caller's.
+    - *shared*: a prompt a second caller has used too. One caller's requests alone never put an
+      entry here, so a caller sending random labels can displace at most ``share`` entries of
+      others (its share, once), and never a label set that several callers use.
+
+    When the cache is over ``capacity``, the least recently used *own* entry goes first; the
+    shared segment holds at most three quarters of ``capacity``. Safe across threads.
+
+    Args:
+        embed: The encoder for prompts not cached.
+        capacity: Most entries in all.
+        share: Most *own* entries one caller may hold (default: ``capacity``, no limit).
+    """
+
+    def __init__(self, embed: Embed, capacity: int, *, share: int | None = None) -> None:
         self._embed = embed
         self._capacity = capacity
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.share = max(1, share if share is not None else capacity)
+        self._shared_capacity = max(1, capacity - capacity // 4)
+        self._shared: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._own: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
+        self._owned: dict[str, OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._vectors)
+        return len(self._shared) + len(self._own)
 
-    def lookup(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    def owned(self, owner: str) -> int:
+        """How many *own* entries ``owner`` holds."""
+        with self._lock:
+            return len(self._owned.get(owner, ()))
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        """The distinct prompts not cached now (no counters, no recency change)."""
+        with self._lock:
+            return [
+                p for p in dict.fromkeys(prompts) if p not in self._shared and p not in self._own
+            ]
+
+    def lookup(
+        self, prompts: Sequence[str], owner: str = ""
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
         """(cached vectors by prompt, prompts not cached), counting each distinct prompt once."""
         found: dict[str, np.ndarray] = {}
         with self._lock:
-            for prompt in prompts:
-                vector = self._vectors.get(prompt)
+            for prompt in dict.fromkeys(prompts):
+                vector = self._shared.get(prompt)
                 if vector is not None:
-                    self._vectors.move_to_end(prompt)
+                    self._shared.move_to_end(prompt)
                     found[prompt] = vector
+                    continue
+                entry = self._own.get(prompt)
+                if entry is None:
+                    continue
+                holder, vector = entry
+                found[prompt] = vector
+                if holder == owner:
+                    self._own.move_to_end(prompt)
+                    self._owned[holder].move_to_end(prompt)
+                else:  # a second caller uses it: it becomes everyone's
+                    self._disown(prompt)
+                    self._shared[prompt] = vector
+                    while len(self._shared) > self._shared_capacity:
+                        self._shared.popitem(last=False)
             missing = [p for p in dict.fromkeys(prompts) if p not in found]
             self.hits += len(found)
             self.misses += len(missing)
         return found, missing
 
-    def store(self, prompts: Sequence[str], vectors: Sequence[np.ndarray]) -> None:
+    def store(self, prompts: Sequence[str], vectors: Sequence[np.ndarray], owner: str = "") -> None:
+        """Cache new prompts' vectors as ``owner``'s own entries (see the class docstring)."""
         with self._lock:
             for prompt, vector in zip(prompts, vectors, strict=True):
+                if prompt in self._shared or prompt in self._own:
+                    continue  # another request stored it meanwhile
+                while len(self._owned.get(owner, ())) >= self.share:
+                    self._disown(next(iter(self._owned[owner])))
                 # A copy: a row of a batch array would keep the whole batch alive in the cache.
-                self._vectors[prompt] = np.array(vector, dtype=np.float32)
-                self._vectors.move_to_end(prompt)
-            while len(self._vectors) > self._capacity:
-                self._vectors.popitem(last=False)
+                self._own[prompt] = (owner, np.array(vector, dtype=np.float32))
+                self._owned.setdefault(owner, OrderedDict())[prompt] = None
+            while len(self) > self._capacity:
+                if self._own:
+                    self._disown(next(iter(self._own)))
+                else:
+                    self._shared.popitem(last=False)
 
-    def embeddings(self, prompts: Sequence[str]) -> np.ndarray:
+    def _disown(self, prompt: str) -> None:
+        """Remove ``prompt`` from the own segment (the lock is held)."""
+        holder, _ = self._own.pop(prompt)
+        held = self._owned[holder]
+        del held[prompt]
+        if not held:
+            del self._owned[holder]
+
+    def embeddings(self, prompts: Sequence[str], owner: str = "") -> np.ndarray:
         """A ``(len(prompts), dim)`` array; only prompts not cached reach the model."""
-        found, missing = self.lookup(prompts)
+        found, missing = self.lookup(prompts, owner)
         if missing:
             vectors = [row for row, _ in self._embed(missing)]
-            self.store(missing, vectors)
+            self.store(missing, vectors, owner)
             found.update(zip(missing, vectors, strict=True))
         return np.stack([found[p] for p in prompts])
 
@@ -109,9 +174,13 @@ def scores(similarity: np.ndarray, *, multi_label: bool) -> np.ndarray:
 class ZeroShotClassifier:
     """Classify texts into any labels with sentence embeddings (see :data:`Embed`)."""
 
-    def __init__(self, embed: Embed, *, cache_size: int) -> None:
+    def __init__(self, embed: Embed, *, cache_size: int, cache_share: int | None = None) -> None:
         self._embed = embed
-        self.label_cache = LabelCache(embed, cache_size)
+        self.label_cache = LabelCache(embed, cache_size, share=cache_share)
+
+    def new_prompts(self, label_prompts: Sequence[str]) -> list[str]:
+        """The distinct label prompts a request would have to embed: those not cached now."""
+        return self.label_cache.missing(label_prompts)
 
     def classify(
         self,
@@ -123,8 +192,12 @@ class ZeroShotClassifier:
         multi_label: bool,
         threshold: float,
         cache: PredictionCache,
+        owner: str = "",
     ) -> list[Prediction]:
-        """Score every text against every label; ``cache`` keeps each text's similarities."""
+        """Score every text against every label; ``cache`` keeps each text's similarities.
+
+        ``owner`` is the caller new label embeddings are cached for (:class:`LabelCache`).
+        """
         label_prompts = prompts(labels, descriptions, template)
         # The cache keeps cosine similarities, keyed by the label prompts: single- and
         # multi-label requests over the same labels share entries.
@@ -132,7 +205,7 @@ class ZeroShotClassifier:
             texts,
             params={"prompts": label_prompts},
             width=len(label_prompts),
-            compute=lambda missing: self.similarities(missing, label_prompts),
+            compute=lambda missing: self.similarities(missing, label_prompts, owner),
         )
         similarity = np.array([s.values for s, _ in rows], dtype=np.float64).reshape(
             len(rows), len(label_prompts)
@@ -150,15 +223,17 @@ class ZeroShotClassifier:
             )
         return results
 
-    def similarities(self, texts: Sequence[str], label_prompts: Sequence[str]) -> list[Scores]:
+    def similarities(
+        self, texts: Sequence[str], label_prompts: Sequence[str], owner: str = ""
+    ) -> list[Scores]:
         """Each text's cosine similarity to each label prompt, and its truncation."""
-        found, missing = self.label_cache.lookup(label_prompts)
+        found, missing = self.label_cache.lookup(label_prompts, owner)
         # New label prompts ride in the same model call as the texts: one pass, not two.
         pairs = self._embed([*missing, *texts])
         vectors = [row for row, _ in pairs]
         truncated = [cut for _, cut in pairs]
         if missing:
-            self.label_cache.store(missing, vectors[: len(missing)])
+            self.label_cache.store(missing, vectors[: len(missing)], owner)
             found.update(zip(missing, vectors[: len(missing)], strict=True))
         # In float64 (sums of float32 products, exact to far below the 6 decimals shown), so a
         # text's similarities do not depend on how many texts or labels share the product.

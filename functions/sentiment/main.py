@@ -14,6 +14,7 @@ import functions_framework
 from cloudevents.http import CloudEvent
 
 from aifn import batch, runtime
+from aifn.limits import mark_cut
 from aifn.model import Prediction, TextClassifier, rank
 from aifn.openapi import ref
 from aifn.validation import parse_texts, require_object
@@ -45,6 +46,7 @@ def analyze(body: Any) -> dict[str, Any]:
         require_object(body, allowed={"text", "texts"}),
         max_texts=service.settings.max_batch_texts,
     )
+    service.limits.check(request.texts)  # MAX_REQUEST_TOKENS, before any model work
     return {
         "model": model.identity.to_json(),
         "results": [p.to_json() for p in predict(request.texts)],
@@ -52,13 +54,21 @@ def analyze(body: Any) -> dict[str, Any]:
 
 
 def predict(texts: list[str], _options: object = None) -> list[Prediction]:
-    """Through the prediction cache, then the batcher: the same path for HTTP and batch files."""
+    """Through the prediction cache, then the batcher: the same path for HTTP and batch files.
+
+    Each text is first cut to MAX_TEXT_CHARS (a cut text's result says ``truncated``).
+    """
+    texts, cut = service.limits.cut(texts)
     rows = service.cache.get_or_compute(
         texts, params=None, width=len(model.labels), compute=service.batcher
     )
-    return [
-        Prediction(rank(model.labels, s.values), s.truncated, cached=cached) for s, cached in rows
-    ]
+    return mark_cut(
+        [
+            Prediction(rank(model.labels, s.values), s.truncated, cached=cached)
+            for s, cached in rows
+        ],
+        cut,
+    )
 
 
 files = batch.Processor.start(service, predict=predict)

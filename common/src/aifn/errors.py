@@ -86,6 +86,15 @@ class TooManyTexts(ApiError):
     description = "More texts in one request than `MAX_BATCH_TEXTS`."
 
 
+class TooManyTokens(ApiError):
+    status = 422
+    type = "too_many_tokens"
+    description = (
+        "The request's texts (each up to `MAX_TOKENS`) and new zero-shot label prompts come to "
+        "more tokens than `MAX_REQUEST_TOKENS`; nothing was done. Send fewer or shorter texts."
+    )
+
+
 class Overloaded(ApiError):
     status = 429
     type = "overloaded"
@@ -134,6 +143,7 @@ ERROR_TYPES: tuple[type[ApiError], ...] = (
     UnsupportedMediaType,
     InvalidRequest,
     TooManyTexts,
+    TooManyTokens,
     Overloaded,
     RateLimited,
     DeadlineExceeded,

@@ -27,8 +27,11 @@ class TraceContext:
     sampled: bool
 
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/(\d+))?(?:;o=([01]))?$")
+# Anchored, bounded, ASCII-only: `\d` would also match other scripts' digits, and an unbounded
+# run of them reached int(), which refuses more than 4,300 digits (a 500 on every path).
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([01]))?$")
+_MAX_HEADER = 512  # longer than any valid trace header; a longer one is not parsed at all
 
 _current_trace: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar(
     "aifn_trace", default=None
@@ -37,15 +40,25 @@ _project: str | None = None
 
 
 def parse_trace(traceparent: str | None, cloud_trace: str | None) -> TraceContext | None:
-    """Trace context from the request headers; W3C ``traceparent`` wins when both are valid."""
-    if traceparent:
+    """Trace context from the request headers; W3C ``traceparent`` wins when both are valid.
+
+    Total: a header that is not valid (any text a client can send) is ignored, never an error;
+    the request is served, only not linked to a trace.
+    """
+    if traceparent and len(traceparent) <= _MAX_HEADER:
         m = _TRACEPARENT.match(traceparent.strip().lower())
-        if m and m.group(1) != "0" * 32:
-            return TraceContext(m.group(1), m.group(2), int(m.group(3), 16) & 1 == 1)
-    if cloud_trace:
+        # W3C Trace Context: version ff, an all-zero trace id or parent id are invalid.
+        if m and m.group(1) != "ff" and m.group(2) != "0" * 32 and m.group(3) != "0" * 16:
+            return TraceContext(m.group(2), m.group(3), int(m.group(4), 16) & 1 == 1)
+    if cloud_trace and len(cloud_trace) <= _MAX_HEADER:
         m = _CLOUD_TRACE.match(cloud_trace.strip())
-        if m:
-            span = f"{int(m.group(2)):016x}" if m.group(2) else None
+        if m and m.group(1) != "0" * 32:
+            span: str | None = None
+            if m.group(2):
+                value = int(m.group(2))
+                if value >= 2**64:  # the span id is an unsigned 64-bit decimal
+                    return None
+                span = f"{value:016x}"
             return TraceContext(m.group(1).lower(), span, m.group(3) == "1")
     return None
 

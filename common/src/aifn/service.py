@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 from aifn import auth, errors, logs, openapi
 from aifn.batching import DynamicBatcher
 from aifn.cache import PredictionCache, caller_scope
+from aifn.limits import WorkLimits, count_texts
 from aifn.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aifn.metrics import UNMATCHED, Metrics
 from aifn.model import TextClassifier, TextEncoder
@@ -43,6 +44,7 @@ _POST_ERRORS: tuple[type[errors.ApiError], ...] = (
     errors.UnsupportedMediaType,
     errors.InvalidRequest,
     errors.TooManyTexts,
+    errors.TooManyTokens,
     errors.Overloaded,
     errors.DeadlineExceeded,
     errors.InternalError,
@@ -58,10 +60,15 @@ _HTTP_STATUS_TO_ERROR: dict[int, type[errors.ApiError]] = {
 }
 
 
+# Units of work a request asks for, from its decoded body (see Service.work_units).
+WorkCounter = Callable[[Any], int]
+
+
 @dataclass(frozen=True)
 class _Route:
     operation: openapi.Operation
     handler: _AnyHandler
+    work: WorkCounter | None = None
 
 
 class Service:
@@ -98,6 +105,8 @@ class Service:
         self.cache = cache
         self.batcher = batcher
         self.guard = guard or auth.Guard.from_settings(settings, function=function)
+        # MAX_TEXT_CHARS and MAX_REQUEST_TOKENS, counted with the model's own tokenizer.
+        self.limits = WorkLimits.from_settings(settings, max_tokens=model.max_tokens)
         self._description = description
         self._version = version
         self._routes: dict[str, dict[str, _Route]] = {}
@@ -146,8 +155,13 @@ class Service:
         request_schema: dict[str, Any],
         response_schema: dict[str, Any],
         request_example: Any = None,
+        work: WorkCounter | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Register ``handler(body) -> dict`` for ``POST path``."""
+        """Register ``handler(body) -> dict`` for ``POST path``.
+
+        ``work(body)`` counts the units of work a body asks for (:meth:`work_units`); by
+        default its texts.
+        """
 
         def register(handler: Handler) -> Handler:
             self._add(
@@ -161,14 +175,35 @@ class Service:
                     errors=_POST_ERRORS + self.guard.errors,
                 ),
                 handler,
+                work,
             )
             return handler
 
         return register
 
-    def _add(self, operation: openapi.Operation, handler: _AnyHandler) -> None:
-        self._routes.setdefault(operation.path, {})[operation.method] = _Route(operation, handler)
+    def _add(
+        self, operation: openapi.Operation, handler: _AnyHandler, work: WorkCounter | None = None
+    ) -> None:
+        self._routes.setdefault(operation.path, {})[operation.method] = _Route(
+            operation, handler, work
+        )
         self._openapi = None
+
+    def work_units(self, path: str, body: Any) -> int:
+        """Units of work ``POST path`` with the decoded ``body`` asks of the model, at least 1.
+
+        A text is a unit, and on zero-shot classify so is each label prompt not in the label
+        cache (each is one more forward pass). What the rate limit charges. Never raises: a body
+        its handler will refuse counts 1.
+        """
+        route = self._routes.get(path.rstrip("/") or "/", {}).get("POST")
+        if route is None:
+            return 1
+        try:
+            units = route.work(body) if route.work is not None else count_texts(body)
+        except Exception:  # a malformed body: the handler refuses it with a 4xx
+            return 1
+        return max(1, units)
 
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:
@@ -218,11 +253,7 @@ class Service:
     def __call__(self, request: flask.Request) -> flask.Response:
         """The functions-framework entry point's whole body: route, run, render, log."""
         started = time.perf_counter()
-        token = logs.set_trace(
-            logs.parse_trace(
-                request.headers.get("traceparent"), request.headers.get("X-Cloud-Trace-Context")
-            )
-        )
+        token = logs.set_trace(_trace_context(request))
         error: errors.ApiError | None = None
         path = request.path.rstrip("/") or "/"
         try:
@@ -329,6 +360,21 @@ class Service:
             response.status_code,
             extra={"fields": fields},
         )
+
+
+def _trace_context(request: flask.Request) -> logs.TraceContext | None:
+    """The request's trace context for its log lines; a header that breaks it is ignored.
+
+    Runs before routing, on every path: whatever a client writes in a trace header, the request
+    is served (``parse_trace`` is total; this guards the guard).
+    """
+    try:
+        return logs.parse_trace(
+            request.headers.get("traceparent"), request.headers.get("X-Cloud-Trace-Context")
+        )
+    except Exception:  # pragma: no cover - parse_trace is total; a bug must not cost a request
+        log.warning("trace headers ignored", exc_info=True)
+        return None
 
 
 def _json_response(payload: dict[str, Any], status: int) -> flask.Response:

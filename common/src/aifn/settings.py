@@ -218,6 +218,27 @@ class Settings:
         256,
         parse=int_at_least(8, "tokens"),
     )
+    max_text_chars: int = setting(
+        "MAX_TEXT_CHARS",
+        "Characters of each text the model reads: a longer text is cut here before it is "
+        "tokenized (and the result says `truncated: true`), so a 1 MiB text costs no more "
+        "tokenizer time than a text of this length. Cut, not refused: the API already reads only "
+        "a long text's start (`MAX_TOKENS`), and the default lies far past where prose reaches "
+        "`MAX_TOKENS` tokens (~5 characters a token), so the cut never changes such a text's "
+        "result. See README, Limits.",
+        shown_default="8 x `MAX_TOKENS` (2048)",
+        parse=positive_int,
+    )
+    max_request_tokens: int = setting(
+        "MAX_REQUEST_TOKENS",
+        "Token budget of one request: the tokens the model would read for its texts (each at "
+        "most `MAX_TOKENS`) plus, for zero-shot classify, its label prompts not in the label "
+        "cache. A request over it gets 422 `too_many_tokens` before any model work. Like TEI's "
+        "`max_batch_tokens`: it bounds how long one request can hold the instance (the default, "
+        "TEI's, is 64 full-length texts; see README, Limits, for its measured time).",
+        16_384,
+        parse=int_at_least(8, "tokens"),
+    )
     inference_batch_size: int = setting(
         "INFERENCE_BATCH_SIZE",
         "Most texts a model worker takes from the queue at once. A request's texts are shared "
@@ -436,6 +457,8 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.max_text_chars is None:  # unset: follows MAX_TOKENS (see its doc)
+            object.__setattr__(self, "max_text_chars", 8 * self.max_tokens)
         if self.threads is None:  # unset: derived from the settings it must cover
             threads = default_threads(
                 self.max_queued_texts, self.model_workers or 1, self.inference_batch_size

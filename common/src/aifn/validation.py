@@ -7,6 +7,7 @@ here. Nothing in this module touches the model.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,17 @@ def read_json(request: Request, *, max_bytes: int) -> Any:
         raise PayloadTooLarge(
             f"body is {request.content_length} bytes; the limit is {max_bytes} (MAX_BODY_BYTES)"
         )
-    raw = request.stream.read(max_bytes + 1)
+    try:
+        raw = request.stream.read(max_bytes + 1)
+    except Exception as exc:  # the client's connection, whatever its server raises
+        # The body did not arrive whole: the client went away mid-body, or its chunked framing
+        # is broken (gunicorn raises NoMoreData, InvalidChunkSize, ...; werkzeug
+        # ClientDisconnected). The client's doing, so a 400, not a 500 with a stack trace.
+        _skip_rest_of_body(request)
+        raise InvalidJson(
+            f"the body could not be read whole ({type(exc).__name__}): the connection ended "
+            "or its chunked encoding is broken"
+        ) from None
     if len(raw) > max_bytes:
         _skip_rest_of_body(request)
         raise PayloadTooLarge(f"body is over the limit of {max_bytes} bytes (MAX_BODY_BYTES)")
@@ -53,14 +64,61 @@ def read_json(request: Request, *, max_bytes: int) -> Any:
         raise InvalidJson(f"body is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise InvalidJson("body is empty; send a JSON object")
+    return decode_json(text)
+
+
+def decode_json(text: str) -> Any:
+    """Decode JSON as RFC 8259 defines it, or raise :class:`InvalidJson`; never anything else.
+
+    Stricter than :func:`json.loads` where its leniency would let two parsers read one body
+    differently: ``NaN`` and ``Infinity`` (not JSON) and duplicate keys (Python keeps the last,
+    other parsers the first) are refused. Any input ends in a value or an :class:`InvalidJson`:
+    a number too long for Python to convert (over ``sys.get_int_max_str_digits()`` digits, a
+    ``ValueError``) and nesting deeper than the recursion limit are refused too.
+    """
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise InvalidJson(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
     except RecursionError:
         raise InvalidJson("body is not valid JSON: nested too deeply") from None
+    except _NotJson as exc:
+        raise InvalidJson(f"body is not valid JSON: {exc}") from None
+    except ValueError as exc:
+        # int("1" * 5000): Python refuses integers of more than 4,300 digits (CVE-2020-10735).
+        raise InvalidJson(f"body is not valid JSON: a number is too long ({_clip(exc)})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _NotJson(f"the key {quote(key)} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
+class _NotJson(Exception):
+    """Raised inside the decoder's hooks; :func:`decode_json` turns it into InvalidJson."""
+
+
+def _clip(exc: BaseException) -> str:
+    return str(exc).split(";")[0][:120]
+
+
+def quote(value: str, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: messages never echo a whole body."""
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"... ({len(value)} characters)"
 
 
 def _skip_rest_of_body(request: Request) -> None:
@@ -121,7 +179,11 @@ def parse_texts(body: Mapping[str, Any], *, max_texts: int) -> Texts:
 # characters are Python's (str.isspace, which strip() removes) spelled out, because JSON Schema
 # regexes (ECMA-262) give `\s` a different set. Unpaired surrogates cannot be written in a pattern.
 _BLANK = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-TEXT_PATTERN = rf"^[^\x00]*[^\x00{_BLANK}][^\x00]*$"
+# Blanks, then the first character that is neither blank nor NUL, then anything but NUL. The
+# three runs can split a text only one way, so a backtracking engine (Python's `re`, the ECMA-262
+# engines of JSON Schema validators) stays linear; `[^\x00]*[^\x00 blanks][^\x00]*` said the
+# same but backtracked quadratically on a long text with a NUL at its end.
+TEXT_PATTERN = rf"^[{_BLANK}]*[^\x00{_BLANK}][^\x00]*$"
 
 
 def check_string(value: Any, where: str, *, max_chars: int | None = None) -> str:
@@ -143,6 +205,18 @@ def check_string(value: Any, where: str, *, max_chars: int | None = None) -> str
     if max_chars is not None and len(value) > max_chars:
         raise InvalidRequest(f"'{where}' is {len(value)} characters; the limit is {max_chars}")
     return value
+
+
+def fold(value: str) -> str:
+    """The key under which two caller-supplied names are the same name (e.g. two labels).
+
+    Surrounding spaces, case, Unicode normalisation (NFKC: "ﬁ" is "fi", a full-width "\uff21" is
+    "A", "e" + combining acute is "é") and invisible format characters (soft hyphen, zero-width
+    space, category Cf) do not make names different: Unicode's NFKC_Casefold, approximately.
+    """
+    nfkc = unicodedata.normalize("NFKC", value)
+    visible = "".join(c for c in nfkc if unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFKC", visible.casefold()).strip()
 
 
 def json_type(value: Any) -> str:
