@@ -20,7 +20,6 @@ from aifn.ratelimit import (
     RateLimiter,
     from_settings,
     parse_rate,
-    work_units,
 )
 from aifn.settings import Settings
 
@@ -107,14 +106,6 @@ def test_memory_bucket_bursts_then_refills() -> None:
     assert tokens == pytest.approx(0.2)
     clock.now += 10  # never more than the burst
     assert [buckets.take("a")[0] for _ in range(4)] == [True, True, True, False]
-
-
-def test_work_is_one_unit_per_text_capped_and_at_least_one() -> None:
-    assert work_units({"text": "one"}, max_texts=64) == 1
-    assert work_units({"texts": ["a"] * 10}, max_texts=64) == 10
-    assert work_units({"texts": ["a"] * 500}, max_texts=64) == 64  # refused by validation anyway
-    for malformed in ({"texts": []}, {"texts": "a"}, "text", None, [1, 2, 3]):
-        assert work_units(malformed, max_texts=64) == 1
 
 
 def test_a_request_is_charged_per_unit_in_two_steps() -> None:

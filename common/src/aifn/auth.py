@@ -259,7 +259,7 @@ class Guard:
         return caller
 
     def charge(self, caller: Caller, units: int) -> dict[str, str]:
-        """Charge the rest of a request of ``units`` (texts) that :meth:`admit` let in.
+        """Charge the rest of a request of ``units`` of work that :meth:`admit` let in.
 
         Returns:
             The rate-limit headers its response must carry.
@@ -273,7 +273,8 @@ class Guard:
         decision = self.limiter.charge(caller.limit, units)
         if not decision.allowed:
             raise errors.RateLimited(
-                f"this request is {units} units of work (one per text) and the rate limit of "
+                f"this request is {units} units of work (its texts, and new label prompts on "
+                f"zero-shot classify) and the rate limit of "
                 f"{self.limiter.rate} per client does not hold them now; retry after "
                 f"{decision.retry_after} s, or send fewer texts per request",
                 headers=decision.headers(),

@@ -2,8 +2,9 @@
 
 Each client (:mod:`aifn.auth` decides who counts as one) has a bucket of ``Rate.requests``
 tokens, refilled continuously at ``requests / period``. A request costs one token per unit of
-work (a text: see :func:`work_units`) and is refused unless its client holds them. A client may
-spend its whole budget at once, then goes on at the steady rate.
+work (a text, and on zero-shot classify a label prompt not in the label cache: see
+:meth:`aifn.service.Service.work_units`) and is refused unless its client holds them. A client
+may spend its whole budget at once, then goes on at the steady rate.
 
 A request's cost is known only once its body is read, so it is charged in two steps: one token
 before the body is read (:meth:`RateLimiter.check`: a client with nothing left is refused
@@ -90,18 +91,6 @@ def parse_rate(raw: str) -> Rate | None:
     if requests < 1 or count < 1:
         raise ValueError("requests and period must be at least 1")
     return Rate(requests, float(count * unit))
-
-
-def work_units(body: Any, *, max_texts: int) -> int:
-    """The tokens a prediction request costs: one per text, at least one, at most ``max_texts``.
-
-    Read from the decoded body before validation, so a malformed body costs one unit (and gets
-    its 4xx from validation), and a list over ``MAX_BATCH_TEXTS`` is charged the cap (it is
-    refused with 422 before any model work).
-    """
-    if isinstance(body, dict) and isinstance(body.get("texts"), list):
-        return max(1, min(len(body["texts"]), max_texts))
-    return 1
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from aifn.limits import WorkLimits, count_texts
 from aifn.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aifn.metrics import UNMATCHED, Metrics
 from aifn.model import TextClassifier, TextEncoder
-from aifn.ratelimit import work_units
 from aifn.settings import Settings
 from aifn.validation import read_json
 
@@ -297,8 +296,8 @@ class Service:
                 headers={"Allow": ", ".join(allowed)},
             )
         # API key and one unit of rate limit first: a refused request costs no body read. The
-        # rest of its work (a unit per text) is charged once the body is read, and the handler
-        # runs in the caller's cache scope (CACHE_SCOPE=caller: it only hits its own entries).
+        # rest of its work (work_units) is charged once the body is read; both run in the
+        # caller's cache scope (CACHE_SCOPE=caller: it only hits entries it wrote).
         caller = self.guard.admit(request) if method == "POST" else None
         limit_headers = dict(caller.headers) if caller is not None else {}
         try:
@@ -307,10 +306,9 @@ class Service:
                 body = read_json(request, max_bytes=self.settings.max_body_bytes)
                 if self.settings.log_request_text:
                     log.debug("request body", extra={"fields": {"body": body}})
-            if caller is not None:
-                units = work_units(body, max_texts=self.settings.max_batch_texts)
-                limit_headers = self.guard.charge(caller, units)
             with caller_scope(caller.scope) if caller is not None else nullcontext():
+                if caller is not None:
+                    limit_headers = self.guard.charge(caller, self.work_units(path, body))
                 result = route.handler(body)
             if not isinstance(result, flask.Response):
                 result = _json_response(result, 200)
