@@ -1,7 +1,13 @@
 # Optional API-key mode (var.api_keys), for callers that do not use Cloud Run IAM. The keys live
-# in a Secret Manager secret that Terraform creates empty: you add versions with gcloud, so key
-# values never pass through Terraform or its state. Each HTTP function reads the secret as
-# API_KEYS (comma-separated; two keys during a rotation); its batch path never sees it.
+# in a Secret Manager secret; each HTTP function reads it as API_KEYS (comma-separated; two keys
+# during a rotation); its batch path never sees it.
+#
+# One apply brings it up: Cloud Run refuses a revision whose secret reference has no version
+# (and a secret cannot get a version before Terraform creates it: hashicorp/
+# terraform-provider-google#10846), so Terraform writes the first version itself, one generated
+# key, and the services are created after it. The key goes through secret_data_wo, a write-only
+# argument (Terraform >= 1.11): sent to Secret Manager once (secret_data_wo_version), kept in
+# neither the plan nor the state. Later keys are versions you add with gcloud.
 
 resource "google_secret_manager_secret" "api_keys" {
   count = var.api_keys.enabled ? 1 : 0
@@ -19,6 +25,21 @@ resource "google_secret_manager_secret" "api_keys" {
   }
 
   depends_on = [google_project_service.enabled]
+}
+
+# The first key: two UUIDs' hex digits (uuid() draws from a cryptographic source: 244 random bits
+# in 64 characters). uuid() changes at every plan, which is harmless here: a write-only value is
+# sent only when secret_data_wo_version changes, i.e. once.
+resource "google_secret_manager_secret_version" "api_keys_initial" {
+  count = var.api_keys.enabled ? 1 : 0
+
+  secret                 = google_secret_manager_secret.api_keys[0].id
+  secret_data_wo         = join("", [replace(uuid(), "-", ""), replace(uuid(), "-", "")])
+  secret_data_wo_version = "1"
+
+  # The functions may read "latest", which is a later version once you rotate: destroying this
+  # one would only disable a retired key, so keep it rather than fail on a missing version.
+  deletion_policy = "ABANDON"
 }
 
 # Readable by the HTTP functions' identities only, on this secret only.

@@ -60,7 +60,87 @@ resource "google_cloud_run_v2_service_iam_member" "invoker" {
 
   project  = var.project_id
   location = var.region
-  name     = google_cloud_run_v2_service.function[each.value.function].name
+  name     = local.services[each.value.function].name
   role     = "roles/run.invoker"
   member   = each.value.member
+}
+
+# Cloud Build's identity for cloudbuild.yaml (`gcloud builds submit --service-account=<this>`, or
+# a trigger's service account), with exactly what its steps do:
+#   build-/push-<f>  push to this deployment's repository  -> artifactregistry.writer on the repository
+#   resolve          read an existing tag's digest         -> (the same role)
+#   deploy           `gcloud run services|jobs update --image` on services and jobs Terraform
+#                    created -> run.developer on each of them (update, never create: the role is
+#                    granted on the resources, so the account cannot create a service at all);
+#                    a revision runs as the function's account -> iam.serviceAccountUser on those
+#                    accounts only
+#   all steps        build logs (options.logging CLOUD_LOGGING_ONLY) -> logging.logWriter
+# The test step needs nothing from the project. A user-specified build account has none of the
+# legacy Cloud Build account's project-wide rights.
+locals {
+  cloud_build = var.cloud_build.enabled
+  # What CI updates: each HTTP service, and the batch service and job when batch is on.
+  ci_services = local.cloud_build ? merge(
+    { for name, s in local.services : name => s.name },
+    { for name, s in local.batch_services : "${name}-batch" => s.name },
+  ) : {}
+  ci_jobs = local.cloud_build ? { for name, j in local.batch_jobs : name => j.name } : {}
+  # The runtime accounts of what CI deploys (HTTP and batch identities, not Eventarc's).
+  ci_act_as = local.cloud_build ? local.identities : {}
+}
+
+resource "google_service_account" "cloud_build" {
+  count = local.cloud_build ? 1 : 0
+
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-cloudbuild"
+  display_name = "AI functions: Cloud Build (cloudbuild.yaml): push images, roll them out"
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_artifact_registry_repository_iam_member" "cloud_build_writer" {
+  count = local.cloud_build ? 1 : 0
+
+  project    = var.project_id
+  location   = var.region
+  repository = google_artifact_registry_repository.images.name
+  role       = "roles/artifactregistry.writer"
+  member     = google_service_account.cloud_build[0].member
+}
+
+resource "google_project_iam_member" "cloud_build_logs" {
+  count = local.cloud_build ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/logging.logWriter"
+  member  = google_service_account.cloud_build[0].member
+}
+
+resource "google_cloud_run_v2_service_iam_member" "cloud_build_developer" {
+  for_each = local.ci_services
+
+  project  = var.project_id
+  location = var.region
+  name     = each.value
+  role     = "roles/run.developer"
+  member   = google_service_account.cloud_build[0].member
+}
+
+resource "google_cloud_run_v2_job_iam_member" "cloud_build_developer" {
+  for_each = local.ci_jobs
+
+  project  = var.project_id
+  location = var.region
+  name     = each.value
+  role     = "roles/run.developer"
+  member   = google_service_account.cloud_build[0].member
+}
+
+resource "google_service_account_iam_member" "cloud_build_act_as" {
+  for_each = local.ci_act_as
+
+  service_account_id = google_service_account.function[each.key].name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.cloud_build[0].member
 }

@@ -45,14 +45,31 @@ locals {
   # RATE_LIMIT; API_KEYS is a secret reference in services.tf.
   http_env = {
     for name, f in var.functions : name => merge(
-      { IAM_REQUIRED = tostring(!var.allow_unauthenticated) },
+      {
+        IAM_REQUIRED       = tostring(!var.allow_unauthenticated)
+        FORWARDED_FOR_HOPS = tostring(var.forwarded_for_hops)
+      },
       var.rate_limit == null ? {} : { RATE_LIMIT = var.rate_limit },
       local.env[name],
     )
   }
 
+  # The services and jobs, whichever variant owns their image (services.tf, batch.tf): refer to
+  # these rather than to one variant.
+  services       = merge(google_cloud_run_v2_service.function, google_cloud_run_v2_service.function_ci)
+  batch_services = merge(google_cloud_run_v2_service.batch, google_cloud_run_v2_service.batch_ci)
+  batch_jobs     = merge(google_cloud_run_v2_job.batch, google_cloud_run_v2_job.batch_ci)
+
+  # Google-managed service agents (named by the project number) that the batch path relies on.
+  project_number = data.google_project.this.number
+  service_agents = {
+    eventarc = "serviceAccount:service-${local.project_number}@gcp-sa-eventarc.iam.gserviceaccount.com"
+    pubsub   = "serviceAccount:service-${local.project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  }
+
   apis = toset([
     "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
     "cloudresourcemanager.googleapis.com",
     "compute.googleapis.com",
     "eventarc.googleapis.com",
@@ -73,4 +90,10 @@ resource "google_project_service" "enabled" {
   project            = var.project_id
   service            = each.value
   disable_on_destroy = false
+}
+
+data "google_project" "this" {
+  project_id = var.project_id
+
+  depends_on = [google_project_service.enabled]
 }

@@ -1,18 +1,27 @@
-# Buckets: models (artifacts of `make train` and model sources for the image build) and batch
-# (input files and predictions). Both private: uniform bucket-level access (no object ACLs) and
-# public access prevention enforced, whatever IAM is granted later.
+# Buckets: models (artifacts of `make train` and model sources for the image build) and, per
+# function with batch on, <function>-in (input files; its Eventarc trigger watches it) and
+# <function>-out (predictions and errors files; nothing watches it, so writing an output never
+# triggers anything). All private: uniform bucket-level access (no object ACLs) and public access
+# prevention enforced, whatever IAM is granted later. Access is granted per bucket (batch.tf), so
+# one function's identity never reads, overwrites or deletes another's files.
 
 locals {
-  buckets = {
-    models = {
-      name        = "${var.project_id}-${var.name_prefix}-models"
-      retain_days = 0
-    }
-    batch = {
-      name        = "${var.project_id}-${var.name_prefix}-batch"
+  buckets = merge(
+    {
+      models = {
+        name        = "${var.project_id}-${var.name_prefix}-models"
+        retain_days = 0
+      }
+    },
+    { for name in keys(local.batch_functions) : "${name}-in" => {
+      name        = "${var.project_id}-${var.name_prefix}-${name}-in"
       retain_days = var.batch.retention_days
-    }
-  }
+    } },
+    { for name in keys(local.batch_functions) : "${name}-out" => {
+      name        = "${var.project_id}-${var.name_prefix}-${name}-out"
+      retain_days = var.batch.retention_days
+    } },
+  )
 }
 
 # Encryption at rest with Google-managed keys: a customer-managed key would add a KMS key ring

@@ -128,9 +128,9 @@ variable "functions" {
   }
   validation {
     condition = alltrue([for f in values(var.functions) : alltrue([for k in keys(f.env) :
-      !contains(["PORT", "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "GOOGLE_CLOUD_PROJECT", "MODEL_DIR", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_AUTH", "REDIS_CA_CERT", "API_KEYS", "IAM_REQUIRED"], k) && !startswith(k, "K_") && !startswith(k, "CLOUD_RUN_") && !startswith(k, "BATCH_")
+      !contains(["PORT", "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "GOOGLE_CLOUD_PROJECT", "MODEL_DIR", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_AUTH", "REDIS_CA_CERT", "API_KEYS", "IAM_REQUIRED", "FORWARDED_FOR_HOPS"], k) && !startswith(k, "K_") && !startswith(k, "CLOUD_RUN_") && !startswith(k, "BATCH_")
     ])])
-    error_message = "env may not set PORT, K_*, CLOUD_RUN_*, FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, GOOGLE_CLOUD_PROJECT, MODEL_DIR (baked into the image), REDIS_*, BATCH_*, API_KEYS (see api_keys) or IAM_REQUIRED (follows allow_unauthenticated): Cloud Run, the image or Terraform sets them."
+    error_message = "env may not set PORT, K_*, CLOUD_RUN_*, FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, GOOGLE_CLOUD_PROJECT, MODEL_DIR (baked into the image), REDIS_*, BATCH_*, API_KEYS (see api_keys), IAM_REQUIRED (follows allow_unauthenticated) or FORWARDED_FOR_HOPS (see forwarded_for_hops): Cloud Run, the image or Terraform sets them."
   }
 }
 
@@ -204,31 +204,40 @@ variable "subnet_cidr" {
 
 variable "batch" {
   description = <<-EOT
-    Batch inference over Cloud Storage (one bucket, one prefix per function):
+    Batch inference over Cloud Storage, two buckets per function: <project>-<prefix>-<function>-in
+    (inputs) and <project>-<prefix>-<function>-out (predictions and errors files). A function's
+    trigger listens to its own input bucket only, its outputs can never fire a trigger, and each
+    function's batch identity reads only its own inputs and writes only its own outputs.
     enabled                 an event-driven batch service per function (Eventarc, object finalized) and a
                             Cloud Run job per function for sharded backlogs
-    input_prefix            files under <input_prefix><function>/ are processed; predictions are written
-                            under <output_prefix><function>/ (never under the input prefix: no self-trigger)
+    input_prefix            files under <input_prefix> of the input bucket are processed; predictions are
+                            written under <output_prefix> of the output bucket
     output_prefix
     max_instances           batch service autoscaling bound; concurrency is 1 file per instance
     timeout_seconds         batch service request timeout (Eventarc retries past Pub/Sub's 600 s ack deadline)
+    retry                   true: Eventarc redelivers an event the service did not acknowledge (Pub/Sub
+                            back-off 10-600 s, for up to 24 h, then to the dead-letter topic); false: one
+                            delivery attempt (the trigger's retry_policy.max_attempts = 1, its only value)
+    dead_letter_max_attempts deliveries before Pub/Sub moves an event to the dead-letter topic (5-100)
     job_task_count          tasks (shards) per job execution; job_parallelism how many run at once (0: all)
     job_timeout_seconds     per task
-    job_command, job_args   per function name; default args: python -m aifn.batch gs://<bucket>/<input prefix>
-    retention_days          objects in the batch bucket are deleted after this many days (0: kept)
+    job_command, job_args   per function name; default args: python -m aifn.batch gs://<input bucket>/<input prefix>
+    retention_days          objects in the batch buckets are deleted after this many days (0: kept)
   EOT
   type = object({
-    enabled             = optional(bool, true)
-    input_prefix        = optional(string, "inputs/")
-    output_prefix       = optional(string, "predictions/")
-    max_instances       = optional(number, 5)
-    timeout_seconds     = optional(number, 600)
-    job_task_count      = optional(number, 4)
-    job_parallelism     = optional(number, 0)
-    job_timeout_seconds = optional(number, 3600)
-    job_command         = optional(map(list(string)), {})
-    job_args            = optional(map(list(string)), {})
-    retention_days      = optional(number, 30)
+    enabled                  = optional(bool, true)
+    input_prefix             = optional(string, "inputs/")
+    output_prefix            = optional(string, "predictions/")
+    max_instances            = optional(number, 5)
+    timeout_seconds          = optional(number, 600)
+    retry                    = optional(bool, true)
+    dead_letter_max_attempts = optional(number, 5)
+    job_task_count           = optional(number, 4)
+    job_parallelism          = optional(number, 0)
+    job_timeout_seconds      = optional(number, 3600)
+    job_command              = optional(map(list(string)), {})
+    job_args                 = optional(map(list(string)), {})
+    retention_days           = optional(number, 30)
   })
   default = {}
 
@@ -244,6 +253,11 @@ variable "batch" {
       var.batch.job_timeout_seconds >= 1 && var.batch.job_timeout_seconds <= 86400 &&
     var.batch.retention_days >= 0)
     error_message = "batch: max_instances 1-1000, timeout_seconds 1-3600, job_task_count 1-10000, job_parallelism 0-job_task_count, job_timeout_seconds 1-86400, retention_days >= 0."
+  }
+  validation {
+    # Pub/Sub's dead-letter policy accepts 5 to 100 delivery attempts.
+    condition     = var.batch.dead_letter_max_attempts >= 5 && var.batch.dead_letter_max_attempts <= 100 && floor(var.batch.dead_letter_max_attempts) == var.batch.dead_letter_max_attempts
+    error_message = "batch.dead_letter_max_attempts must be a whole number from 5 to 100 (Pub/Sub's range for max delivery attempts)."
   }
 }
 
@@ -296,12 +310,14 @@ variable "rate_limit" {
 variable "api_keys" {
   description = <<-EOT
     API-key mode, for callers that do not use Cloud Run IAM (e.g. with allow_unauthenticated behind your
-    own gateway). enabled: create the secret <name_prefix>-api-keys and pass it to the HTTP functions as
-    API_KEYS; requests then need one of its keys in X-API-Key. Terraform never sees the keys: add the
-    first version before applying (gcloud secrets versions add <name_prefix>-api-keys --data-file=-),
-    with comma-separated keys of 16+ characters.
-    secret_version: the version the functions read; pin a number and change it to roll keys out (a new
-    revision), or "latest" (read when an instance starts).
+    own gateway). enabled: create the secret <name_prefix>-api-keys with a first version holding one
+    generated key (64 hex characters), and pass it to the HTTP functions as API_KEYS; requests then need
+    one of its keys in X-API-Key. The generated key is written through the write-only argument
+    secret_data_wo: it is in neither the plan nor the state; read it with
+    `gcloud secrets versions access latest --secret <name_prefix>-api-keys`. Later keys: add versions
+    with gcloud (comma-separated keys of 16+ characters), never through Terraform.
+    secret_version: the version the functions read; "latest" (read when an instance starts) or a number
+    pinned to roll keys out as a new revision.
   EOT
   type = object({
     enabled        = optional(bool, false)
@@ -313,4 +329,64 @@ variable "api_keys" {
     condition     = can(regex("^(latest|[1-9][0-9]*)$", var.api_keys.secret_version))
     error_message = "api_keys.secret_version must be \"latest\" or a version number such as \"3\"."
   }
+}
+
+variable "forwarded_for_hops" {
+  description = "FORWARDED_FOR_HOPS of the HTTP functions: which X-Forwarded-For entry, counted from the right, is the client address that rate limits charge when a request has no API key or IAM identity. 1 (the default) is right on a run.app URL. 2 is right behind an external Application Load Balancer, and only safe when the load balancer is the only way in: a caller reaching run.app directly would choose the address charged. So values above 1 require ingress = INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.forwarded_for_hops >= 0 && var.forwarded_for_hops <= 5 && floor(var.forwarded_for_hops) == var.forwarded_for_hops
+    error_message = "forwarded_for_hops must be a whole number from 0 to 5."
+  }
+  validation {
+    condition     = var.forwarded_for_hops <= 1 || var.ingress == "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"
+    error_message = "forwarded_for_hops above 1 trusts an address a load balancer appended, so it needs ingress = \"INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER\": with direct run.app access allowed, any caller could forge the X-Forwarded-For entry that rate limits charge."
+  }
+}
+
+variable "image_owner" {
+  description = <<-EOT
+    Who sets the image each service and job runs:
+    terraform  (default) image_tag or a function's image; every apply deploys exactly that, and a
+               new release is a new image_tag and `terraform apply` (`make deploy` does this).
+    ci         Cloud Build (cloudbuild.yaml) rolls new images with `gcloud run services update --image`;
+               Terraform sets the image only when it creates a service and then ignores it
+               (lifecycle.ignore_changes), so an apply never rolls back what CI deployed.
+    The two modes are two resource variants (ignore_changes cannot depend on a variable): switching
+    an existing deployment moves the services in the state (README, "Who owns the running image").
+  EOT
+  type        = string
+  default     = "terraform"
+
+  validation {
+    condition     = contains(["terraform", "ci"], var.image_owner)
+    error_message = "image_owner must be \"terraform\" or \"ci\"."
+  }
+}
+
+variable "iam_propagation_wait_seconds" {
+  description = "Seconds to wait, once, after granting the Eventarc and Pub/Sub service agents their roles and before creating the Eventarc triggers (Google: \"it may take a few minutes before all necessary permissions are propagated to the Service Agent\"). Runs `sleep` on the machine running Terraform when the grants are created or change; 0 skips it."
+  type        = number
+  default     = 120
+  nullable    = false
+
+  validation {
+    condition     = var.iam_propagation_wait_seconds >= 0 && var.iam_propagation_wait_seconds <= 1800 && floor(var.iam_propagation_wait_seconds) == var.iam_propagation_wait_seconds
+    error_message = "iam_propagation_wait_seconds must be a whole number from 0 to 1800."
+  }
+}
+
+variable "cloud_build" {
+  description = <<-EOT
+    The service account Cloud Build runs cloudbuild.yaml as (`gcloud builds submit --service-account`,
+    or a trigger's service account), created with only what the build's steps need: push to this
+    deployment's Artifact Registry repository, update (never create) the functions' services and
+    jobs, act as their runtime service accounts, write build logs. enabled = false: no account.
+  EOT
+  type = object({
+    enabled = optional(bool, true)
+  })
+  default = {}
 }

@@ -33,6 +33,8 @@ mock_provider "google" {
 variables {
   project_id = "example-project"
   image_tag  = "c0ffee1"
+  # The IAM propagation wait (a local sleep before the Eventarc triggers) is for real projects.
+  iam_propagation_wait_seconds = 0
 }
 
 run "private_by_default" {
@@ -186,8 +188,10 @@ run "one_identity_per_function" {
     error_message = "Each identity reads the Redis AUTH secret, on that secret only."
   }
   assert {
-    condition     = alltrue([for m in google_storage_bucket_iam_member.batch : m.role == "roles/storage.objectUser"]) && toset(keys(google_storage_bucket_iam_member.batch)) == toset(["sentiment", "classify"])
-    error_message = "Only the batch identities get object access, on the batch bucket."
+    condition = (alltrue([for m in google_storage_bucket_iam_member.batch_inputs : m.role == "roles/storage.objectViewer"]) &&
+      alltrue([for m in google_storage_bucket_iam_member.batch_outputs : m.role == "roles/storage.objectUser"]) &&
+    toset(keys(google_storage_bucket_iam_member.batch_inputs)) == toset(["sentiment", "classify"]))
+    error_message = "Only the batch identities get object access: read on their inputs, read/write on their outputs."
   }
 }
 
@@ -200,8 +204,13 @@ run "identities_are_wired" {
     error_message = "Services and jobs must run as their own service accounts."
   }
   assert {
-    condition     = alltrue([for m in google_storage_bucket_iam_member.batch : m.bucket == google_storage_bucket.this["batch"].name])
-    error_message = "Batch object access must be on the batch bucket only."
+    condition = alltrue([for name, m in google_storage_bucket_iam_member.batch_inputs :
+      m.bucket == google_storage_bucket.this["${name}-in"].name &&
+      m.member == google_service_account.function["${name}-batch"].member &&
+      google_storage_bucket_iam_member.batch_outputs[name].bucket == google_storage_bucket.this["${name}-out"].name &&
+      google_storage_bucket_iam_member.batch_outputs[name].member == google_service_account.function["${name}-batch"].member
+    ])
+    error_message = "Each function's batch identity gets its own input and output buckets only."
   }
 }
 
@@ -215,8 +224,8 @@ run "buckets_locked_down" {
     error_message = "Every bucket needs uniform bucket-level access and enforced public access prevention."
   }
   assert {
-    condition     = toset(keys(google_storage_bucket.this)) == toset(["models", "batch"])
-    error_message = "Expected the models and batch buckets."
+    condition     = toset(keys(google_storage_bucket.this)) == toset(["models", "sentiment-in", "sentiment-out", "classify-in", "classify-out"])
+    error_message = "Expected the models bucket and an input and an output bucket per function."
   }
   assert {
     condition     = length(google_storage_bucket_iam_member.model_readers) == 0
@@ -231,21 +240,21 @@ run "batch_wiring" {
     condition = alltrue([for name, s in google_cloud_run_v2_service.batch :
       one([for e in s.template[0].containers[0].env : e.value if e.name == "FUNCTION_TARGET"]) == "${name}_batch" &&
       one([for e in s.template[0].containers[0].env : e.value if e.name == "FUNCTION_SIGNATURE_TYPE"]) == "cloudevent" &&
-      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_INPUT_PREFIX"]) == "inputs/${name}/" &&
-      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_OUTPUT_PREFIX"]) == "predictions/${name}/" &&
-      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_OUTPUT_BUCKET"]) == google_storage_bucket.this["batch"].name &&
+      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_INPUT_PREFIX"]) == "inputs/" &&
+      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_OUTPUT_PREFIX"]) == "predictions/" &&
+      one([for e in s.template[0].containers[0].env : e.value if e.name == "BATCH_OUTPUT_BUCKET"]) == google_storage_bucket.this["${name}-out"].name &&
       s.template[0].containers[0].image == google_cloud_run_v2_service.function[name].template[0].containers[0].image
     ])
-    error_message = "Each batch service runs the function's image as <function>_batch, a CloudEvent function, with its own input and output prefixes."
+    error_message = "Each batch service runs the function's image as <function>_batch, a CloudEvent function, writing to its own output bucket."
   }
   assert {
     condition = alltrue([for name, t in google_eventarc_trigger.batch :
       contains([for c in t.matching_criteria : "${c.attribute}=${c.value}"], "type=google.cloud.storage.object.v1.finalized") &&
-      contains([for c in t.matching_criteria : "${c.attribute}=${c.value}"], "bucket=${google_storage_bucket.this["batch"].name}") &&
+      contains([for c in t.matching_criteria : "${c.attribute}=${c.value}"], "bucket=${google_storage_bucket.this["${name}-in"].name}") &&
       t.destination[0].cloud_run_service[0].service == google_cloud_run_v2_service.batch[name].name &&
       t.service_account == google_service_account.eventarc[0].email
     ])
-    error_message = "Each trigger sends the batch bucket's finalized objects to its batch service as Eventarc's identity."
+    error_message = "Each trigger sends its own input bucket's finalized objects to its batch service as Eventarc's identity."
   }
   assert {
     condition     = google_project_iam_member.gcs_pubsub_publisher[0].role == "roles/pubsub.publisher" && google_project_iam_member.gcs_pubsub_publisher[0].member == "serviceAccount:service-123@gs-project-accounts.iam.gserviceaccount.com"
@@ -254,7 +263,7 @@ run "batch_wiring" {
   assert {
     condition = alltrue([for name, j in google_cloud_run_v2_job.batch :
       j.template[0].task_count == 4 &&
-      j.template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.batch", "gs://${google_storage_bucket.this["batch"].name}/inputs/${name}/"])
+      j.template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.batch", "gs://${google_storage_bucket.this["${name}-in"].name}/inputs/"])
     ])
     error_message = "Each job runs aifn.batch over its function's input prefix in 4 tasks."
   }
