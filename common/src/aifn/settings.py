@@ -403,7 +403,8 @@ class Settings:
     rate_limit: Rate | None = setting(
         "RATE_LIMIT",
         "Units of work each client may ask of the prediction endpoints, e.g. `60/minute`, "
-        "`5/second`, `10/30s`; a unit is a text (see README, Security). A token bucket: a "
+        "`5/second`, `10/30s`; a unit is a forward pass: a text, or on zero-shot classify a "
+        "label prompt not in the label cache (see README, Security). A token bucket: a "
         "client may spend that many at once, then at that rate; past it, 429 `rate_limited` "
         "with `Retry-After`, for one unit before the body is read and for the rest once it is. "
         "A request bigger than the whole budget runs only on a full bucket and leaves it in "
