@@ -357,7 +357,7 @@ def test_a_file_over_the_event_budget_is_refused_and_left_to_the_job(
 
 
 def test_an_output_written_from_another_source_is_not_overwritten(
-    client: Any, main: Any, bucket: Any, folder: str
+    client: Any, main: Any, bucket: Any, folder: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = upload(bucket, f"inputs/{folder}/mine.jsonl", json.dumps({"text": "hi"}) + "\n")
     outputs = main.files.outputs_for(Location(BUCKET, source.name))
@@ -372,6 +372,13 @@ def test_an_output_written_from_another_source_is_not_overwritten(
     assert bucket.get_blob(outputs.predictions.path).download_as_bytes() == b'{"id": "theirs"}\n'
     assert bucket.get_blob(outputs.errors.path) is None
     assert bucket.get_blob(hand_made.name).download_as_bytes() == b"a file somebody put there\n"
+    # The command says so and fails (the model is already loaded: main is imported).
+    status = batch.main(
+        [f"gs://{BUCKET}/{source.name}", "--function", "sentiment", "--no-progress"]
+    )
+    assert status == 1
+    assert "not written" in capsys.readouterr().out
+    assert bucket.get_blob(outputs.predictions.path).download_as_bytes() == b'{"id": "theirs"}\n'
 
 
 def test_x_csv_and_x_csv_jsonl_get_outputs_of_their_own(
@@ -622,3 +629,26 @@ def test_local_command_end_to_end(sentiment_model_dir: Path, tmp_path: Path) -> 
     assert [p["id"] for p in predictions] == [str(i) for i in range(40)]
     errors = (tmp_path / "tickets.csv.errors.jsonl").read_text().splitlines()
     assert [json.loads(e)["line"] for e in errors] == [42]
+
+
+def test_a_sharded_run_never_overwrites_another_sources_final_output(
+    main: Any, bucket: Any, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = "".join(json.dumps({"text": t}) + "\n" for t in ticket_texts(6, seed=3))
+    source = upload(bucket, f"inputs/{folder}/sharded.jsonl", body)
+    location = Location(BUCKET, source.name)
+    files = main.files
+    outputs = files.outputs_for(location)
+    with monkeypatch.context() as m:
+        m.setattr(batch, "merge", lambda outputs, count: False)  # both tasks write their parts
+        files.run_object(location, None, shard=Shard(0, 2))
+        files.run_object(location, None, shard=Shard(1, 2))
+    theirs = bucket.blob(outputs.predictions.path)
+    theirs.metadata = {"aifn-source": f"gs://{BUCKET}/elsewhere/x.jsonl"}
+    theirs.upload_from_string(b"theirs\n")
+    summary = files.run_object(location, None, shard=Shard(1, 2))  # a retried last task
+    assert summary.refused
+    assert "not overwriting" in summary.refused[0]
+    with pytest.raises(batch.ConfigError, match="not overwriting"):
+        batch.merge(outputs, 2)  # by hand
+    assert bucket.get_blob(outputs.predictions.path).download_as_bytes() == b"theirs\n"

@@ -792,8 +792,9 @@ def _run_main(argv: list[str]) -> int:
     processor = load_processor(name, function_source(name, args.source))
     started = time.perf_counter()
     bar = _progress_bar(source, disable=args.no_progress)
+    prefix_run = source.is_gcs and (source.path.endswith("/") or not source.path)
     try:
-        if source.is_gcs and (source.path.endswith("/") or not source.path):
+        if prefix_run:
             if args.output:
                 raise ConfigError("--output applies to one file; a prefix uses BATCH_OUTPUT_*")
             summary = processor.run_prefix(
@@ -835,7 +836,9 @@ def _run_main(argv: list[str]) -> int:
         print(f"  already done: {skipped}")
     for why in summary.refused:
         print(f"  not written: {why}")
-    return 1 if summary.refused and not summary.outputs else 0
+    # One file not written is the command's failure; in a prefix, the others went on (and a job
+    # task that fails would be retried over the same files for nothing).
+    return 1 if summary.refused and not prefix_run else 0
 
 
 class _Progress:

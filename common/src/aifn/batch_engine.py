@@ -613,6 +613,14 @@ def merge(outputs: Outputs, count: int) -> bool:
             f"{sorted(map(str, sources))}; delete them and run the job again"
         )
     first = next(i for i in part_infos if i is not None)
+    source = first.metadata.get("aifn-source")
+    for target, _, _ in pairs:
+        existing = batch_io.stat(target) if target.is_gcs else None
+        if existing is not None and existing.metadata.get("aifn-source") != source:
+            raise ConfigError(
+                f"{target} exists and was not written from {source}; not overwriting it "
+                "(delete it, or merge to another --output)"
+            )
     for target, parts, infos in pairs:
         _merge_one(target, parts, infos, first)
     for _, parts, _ in pairs:
