@@ -154,6 +154,24 @@ def test_malformed_bodies_get_a_json_4xx(sentiment: Any, classify: Any, body: by
     assert_json_error(post(classify, CLASSIFY, body))
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "a", "k" * 60_000: 1},
+        {"text": "a", **{f"field {i}": i for i in range(2000)}},
+        {"text": "a", "labels": ["x", "y"], "descriptions": {"z" * 60_000: "d"}},
+        # Folds to "x" (soft hyphens are invisible), so it describes a label, wrongly typed.
+        {"text": "a", "labels": ["x", "y"], "descriptions": {"x" + "\u00ad" * 20_000: 5}},
+    ],
+    ids=["long-unknown-field", "many-unknown-fields", "long-description-key", "folded-key"],
+)
+def test_an_error_message_never_echoes_a_huge_input(classify: Any, body: dict) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    response = classify.post(CLASSIFY, data=data, content_type="application/json")
+    error = assert_json_error(response, 422, "invalid_request")
+    assert len(error["message"]) < 400, len(error["message"])
+
+
 # --- headers -------------------------------------------------------------------------------
 
 

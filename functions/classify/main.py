@@ -30,6 +30,7 @@ from aifn.validation import (
     fold,
     json_type,
     parse_texts,
+    quote,
     require_object,
 )
 
@@ -196,12 +197,12 @@ def parse_descriptions(body: Mapping[str, Any], labels: list[str]) -> dict[str, 
         label = by_key.get(_label_key(key))
         if label is None:
             raise InvalidRequest(
-                f"'descriptions' has {key!r}, which is not in 'labels'; describe only those"
+                f"'descriptions' has {quote(key)}, which is not in 'labels'; describe only those"
             )
         if label in descriptions:
             raise InvalidRequest(f"'descriptions' describes {label!r} twice")
         descriptions[label] = check_string(
-            value, f"descriptions.{key}", max_chars=MAX_DESCRIPTION_CHARS
+            value, f"descriptions[{quote(key)}]", max_chars=MAX_DESCRIPTION_CHARS
         ).strip()
     return descriptions
 

@@ -137,10 +137,10 @@ def require_object(body: Any, *, allowed: Collection[str]) -> Mapping[str, Any]:
         raise InvalidRequest(f"the body must be a JSON object, not {json_type(body)}")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise InvalidRequest(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(allowed))}"
-        )
+        shown = ", ".join(quote(name) for name in unknown[:5])
+        if len(unknown) > 5:
+            shown += f" and {len(unknown) - 5} more"
+        raise InvalidRequest(f"unknown field(s) {shown}; allowed: {', '.join(sorted(allowed))}")
     return body
 
 
