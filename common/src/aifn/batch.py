@@ -13,9 +13,16 @@ Three ways in, one engine (:func:`aifn.batch_engine.process`):
 
 Input is JSONL (an object per line: ``text``, optional ``id`` and the capability's request
 fields) or CSV (a header row; ``text`` and ``id`` columns). Output is one JSONL line per good
-input record, ``{"id", "line", "label", "score", "labels", "truncated"}``, in input order, and an
-errors file beside it with one ``{"id", "line", "error"}`` line per bad record. Every record is
-either predicted or reported; a bad record never fails the file.
+input record, ``{"id", "line", "label", "score", "labels", "truncated"}``, in input order, in
+``<input name>.predictions.jsonl``, and ``<input name>.errors.jsonl`` beside it with one
+``{"id", "line", "error"}`` line per bad record. Every record is either predicted or reported; a
+bad record never fails the file, and no record can hold the process's memory (lines over
+``BATCH_MAX_LINE_BYTES`` are skipped unread).
+
+An event that can never succeed is acknowledged and logged (a malformed payload, an object that
+is gone, a file over ``BATCH_EVENT_MAX_BYTES``, which gets an errors file pointing to the job);
+transient failures (Cloud Storage, a model that stays overloaded) raise, so Eventarc retries. An
+existing output written from another input is never overwritten.
 
 Delivery is at least once, so writing is idempotent: outputs carry the input's generation in
 their metadata, a redelivered event whose outputs exist is acknowledged without work, and every

@@ -2,9 +2,11 @@
 
 Inputs are read as streams, never whole: a Cloud Storage object through
 :meth:`google.cloud.storage.Blob.open` (ranged reads, pinned to one generation), a local file
-as is. Records come out one by one with their line numbers. Outputs are written to a local
-temporary file first and then published in one step — :func:`os.replace` locally, one upload
-with a generation precondition on Cloud Storage — so a reader sees a whole file or none.
+as is. Records come out one by one with their line numbers, read by :class:`BoundedLines`,
+which never holds more than the line limit plus one block, whatever the file holds. Outputs are
+written to a local temporary file first and then published in one step — :func:`os.replace`
+locally, one upload with a generation precondition on Cloud Storage — so a reader sees a whole
+file or none.
 """
 
 from __future__ import annotations
