@@ -16,6 +16,7 @@ from aifn.errors import ConfigError, RateLimited, Unauthorized
 from aifn.ratelimit import Rate, RateLimiter
 from aifn.settings import Settings
 
+from .conftest import RedisServer
 from .test_server_process import Server, start_server
 
 ENDPOINT = "/v1/analyze/sentiment"
@@ -216,6 +217,26 @@ def test_wrong_keys_are_rate_limited_per_address_without_touching_a_keys_budget(
     assert guard.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "1"
     with pytest.raises(Unauthorized):
         guard.check(request({"X-Forwarded-For": "198.51.100.67", "X-API-Key": WRONG_KEY}))
+
+
+def test_key_guesses_share_one_budget_across_instances_in_redis(redis_server: RedisServer) -> None:
+    """Two instances on one real Redis: guesses from one address are counted once, together."""
+    settings = Settings.from_env(
+        default_model_dir=Path("/m"),
+        environ={"API_KEYS": OLD_KEY, "RATE_LIMIT": "3/minute", "REDIS_URL": redis_server.url},
+    )
+    a, b = (Guard.from_settings(settings, function="sentiment") for _ in range(2))
+    guesser = {"X-Forwarded-For": "198.51.100.88", "X-API-Key": WRONG_KEY}
+    outcomes = []
+    for guard in (a, b, a, b):
+        try:
+            guard.check(request(guesser))
+        except (Unauthorized, RateLimited) as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [401, 401, 401, 429]
+    assert b.limiter is not None
+    assert b.limiter.describe()["fallback"] == 0  # decided in Redis, not per instance
+    assert a.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "2"
 
 
 def test_the_caller_names_the_cache_scope_never_the_raw_key() -> None:
