@@ -296,6 +296,26 @@ def test_a_malformed_event_payload_is_acknowledged(client: Any, bucket: Any, fol
     assert names(bucket, f"predictions/{folder}/") == []
 
 
+def test_event_data_the_framework_cannot_decode_is_acknowledged(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """functions-framework decodes the data before the entry point: JSON nested too deep or an
+    integer over the digit limit raised there, a 500 that Eventarc would retry for a day."""
+    headers = {
+        "ce-id": "undecodable",
+        "ce-specversion": "1.0",
+        "ce-source": f"//storage.googleapis.com/projects/_/buckets/{BUCKET}",
+        "ce-type": FINALIZED,
+        "content-type": "application/json",
+    }
+    for body in (b"[" * 100_000, b'{"bucket": "b", "generation": ' + b"9" * 5000 + b"}"):
+        with caplog.at_level("WARNING", logger="aifn.batch"):
+            response = client.post("/", data=body, headers=headers)
+        assert response.status_code == 200
+        assert "its data cannot be decoded" in caplog.text
+        caplog.clear()
+
+
 def test_hostile_records_are_errors_of_their_own_lines(
     client: Any, main: Any, bucket: Any, folder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -160,6 +160,12 @@ class Processor:
                     view_func=lambda: service(flask.request),
                     methods=["GET"],
                 )
+            # functions-framework decodes the event's data before the entry point runs; data it
+            # cannot decode (JSON nested too deep, an integer over the digit limit) raised past
+            # it as a 500, redelivered for a day. No retry can decode it: acknowledge and log.
+            from cloudevents.exceptions import DataUnmarshallerError
+
+            app.register_error_handler(DataUnmarshallerError, _undecodable_event)
         return processor
 
     # names
@@ -582,6 +588,20 @@ def parse_event(event: Any) -> ObjectEvent | str:
         else:
             return f"the event's {key!r} is not a whole number"
     return ObjectEvent(str(event_id), kind, bucket, name, numbers[0] or None, numbers[1])
+
+
+def _undecodable_event(exc: Exception) -> tuple[str, int]:
+    """The answer to an event whose data functions-framework could not decode: acknowledged."""
+    import flask
+
+    why = str(exc)[:300].encode("utf-8", "backslashreplace").decode("utf-8")
+    event_id = flask.request.headers.get("ce-id", "")[:200]
+    log.warning(
+        "ignored event: its data cannot be decoded (%s)",
+        why,
+        extra={"fields": {"event_id": event_id}},
+    )
+    return "OK", 200
 
 
 def _event_fields(event: Any) -> dict[str, Any]:
