@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import flask
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 
 from aifn.auth import ApiKeys, Guard, client_address, iam_caller, key_id
@@ -237,6 +240,58 @@ def test_key_guesses_share_one_budget_across_instances_in_redis(redis_server: Re
     assert b.limiter is not None
     assert b.limiter.describe()["fallback"] == 0  # decided in Redis, not per instance
     assert a.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "2"
+
+
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=80)
+_ADDRESSISH = st.one_of(
+    _HEADER_TEXT,
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=6).map(lambda ip: f"{ip}%{'eth0'}"),
+    st.lists(st.one_of(_HEADER_TEXT, st.ip_addresses().map(str)), max_size=5).map(", ".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    xff=_ADDRESSISH,
+    auth=_HEADER_TEXT,
+    serverless=st.one_of(st.none(), _HEADER_TEXT),
+    key=st.one_of(st.none(), _HEADER_TEXT),
+    hops=st.integers(0, 3),
+    keys_on=st.booleans(),
+    iam=st.booleans(),
+)
+def test_any_identity_headers_give_a_caller_or_a_clean_refusal(
+    xff: str,
+    auth: str,
+    serverless: str | None,
+    key: str | None,
+    hops: int,
+    keys_on: bool,
+    iam: bool,
+) -> None:
+    """Whatever a client writes in the headers identity is read from: a caller whose address
+    identity is an address (never the client's text), or 401/429, never another exception."""
+    guard = Guard(
+        api_keys=ApiKeys([OLD_KEY]) if keys_on else None,
+        limiter=RateLimiter(Rate(1000, 60), function="t"),
+        iam_required=iam,
+        forwarded_hops=hops,
+    )
+    headers = {"X-Forwarded-For": xff, "Authorization": auth}
+    if serverless is not None:
+        headers["X-Serverless-Authorization"] = serverless
+    if key is not None:
+        headers["X-API-Key"] = key
+    try:
+        caller = guard.admit(request(headers))
+    except (Unauthorized, RateLimited):
+        return
+    for identity in (caller.limit, caller.scope):
+        kind, _, value = identity.partition(":")
+        assert kind in {"key", "iam", "addr"}
+        if kind == "addr":
+            ipaddress.ip_network(value)  # an address or a block, never free text
 
 
 def test_the_caller_names_the_cache_scope_never_the_raw_key() -> None:
