@@ -239,7 +239,7 @@ class Processor:
             log.warning(
                 "batch %s: %s",
                 name,
-                summary.refused[0] if summary.refused else "already refused (redelivery)",
+                summary.refused[0] if summary.refused else "already refused or done (redelivery)",
                 extra={"fields": {**fields, "size": size}},
             )
             return summary
