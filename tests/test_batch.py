@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from aifn import batch, batch_io
+from aifn import batch, batch_engine, batch_io
 from aifn.batch import BatchSettings, Capability, Shard
 from aifn.batch_io import Location
 from aifn.errors import ConfigError, InvalidRequest, Overloaded
@@ -607,3 +607,21 @@ def test_other_event_types_are_ignored_whatever_their_data() -> None:
         processor.handle_event(event({"bucket": 1}, kind="google.cloud.storage.object.v1.deleted"))
         is None
     )
+
+
+def test_a_chunk_of_long_texts_is_predicted_before_it_fills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCH_CHUNK_SIZE records of near-BATCH_MAX_LINE_BYTES texts would all be held at once;
+    the chunk is predicted early once its texts pass a character budget."""
+    monkeypatch.setattr(batch_engine, "CHUNK_TEXT_CHARS", 2**20, raising=False)
+    source = tmp_path / "in.jsonl"
+    with open(source, "w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"id": i, "text": f"{i} " + "word " * 100_000}) + "\n")  # 500 kB
+    processor = batch.Processor(capability(), settings(BATCH_CHUNK_SIZE="1000"))
+    pred = Location(None, str(tmp_path / "out" / "in.predictions.jsonl"))
+    outputs = batch.Outputs(pred, pred.sibling(batch.errors_name(pred.path)))
+    peak = _peak_bytes(lambda: processor.run_local(Location(None, str(source)), outputs))
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for 20 MB of texts"
+    assert [p["id"] for p in read_jsonl(Path(pred.path))] == list(range(40))
