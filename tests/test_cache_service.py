@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -115,6 +119,40 @@ def test_api_key_callers_have_their_own_cache_and_shared_scope_shares(
         assert shared.request("GET", "/v1/health")[1]["cache"]["scope"] == "shared"
     finally:
         stop(shared)
+
+
+def test_batch_files_and_http_callers_never_share_entries(
+    sentiment_model_dir: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Batch files run in a scope of their own: one Redis, no hits across the two ways in."""
+    texts = ["Batch scope: the invoice was wrong twice.", "Batch scope: support fixed it fast."]
+    server = start_server(sentiment_model_dir, tmp_path, REDIS_URL=redis_server.url)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL_DIR": str(sentiment_model_dir)}
+    env["REDIS_URL"] = redis_server.url
+
+    def batch_file(name: str) -> str:
+        source = tmp_path / name
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        done = subprocess.run(
+            [sys.executable, "-m", "aifn.batch", str(source), "--function", "sentiment"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    try:
+        first = server.request("POST", ENDPOINT, {"text": texts[0]})[1]
+        assert first["results"][0]["cached"] is False
+        assert ", 0 from the cache)" in batch_file("one.jsonl")  # the caller's entry is not hit
+        second = server.request("POST", ENDPOINT, {"text": texts[1]})[1]
+        assert second["results"][0]["cached"] is False  # nor the batch file's
+        assert ", 2 from the cache)" in batch_file("two.jsonl")  # batch files share theirs
+    finally:
+        stop(server)
 
 
 def test_redis_killed_and_restarted_under_load_fails_no_request(
