@@ -3,7 +3,7 @@
 Each server is ``functions-framework`` serving the prepared sentiment model, started with the
 settings that make the behaviour under test happen for real: a small ``MAX_BATCH_TEXTS`` (the
 client must split), a rate limit per caller (a real 429 ``rate_limited`` with ``Retry-After``;
-with ``IAM_REQUIRED=true`` the caller is the ID token's e-mail, which shows the token arrived),
+with ``IAM_REQUIRED=true`` the caller is the ID token's principal, which shows the token arrived),
 and a queue of one text (real 429 ``overloaded`` under concurrent load). Google's token endpoint
 cannot be reached here: the default google-auth path runs against a local stand-in token
 endpoint named by a real service-account key file.
@@ -120,7 +120,7 @@ def functions(
 
 def _jwt(claims: dict[str, Any]) -> str:
     """An unsigned token shaped like Google's ID tokens (Cloud Run verifies them, not the
-    function, which only reads the e-mail)."""
+    function, which only reads the principal)."""
 
     def part(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
@@ -183,7 +183,7 @@ def test_a_rate_limited_call_waits_for_retry_after_and_succeeds(
 ) -> None:
     url = functions["rate_limited"].url
     sleeps = Sleeps()
-    token = _jwt({"email": "retry@example.com", "aud": url})
+    token = _jwt({"sub": "1001", "email": "retry@example.com", "aud": url})
     client = aifn_client.Client(url, token_provider=lambda _aud: token, sleep=sleeps)
     first = client.sentiment("I love this product!")
     started = time.monotonic()
@@ -199,7 +199,7 @@ def test_retries_are_bounded_and_end_in_the_servers_429(
     aifn_client: ModuleType, functions: dict[str, Function]
 ) -> None:
     url = functions["rate_limited"].url
-    token = _jwt({"email": "bounded@example.com", "aud": url})
+    token = _jwt({"sub": "1002", "email": "bounded@example.com", "aud": url})
     sleeps = Sleeps()
     client = aifn_client.Client(
         url, token_provider=lambda _aud: token, max_retries=1, max_wait=0.05, sleep=sleeps
@@ -220,17 +220,17 @@ def test_the_token_providers_token_reaches_the_function_per_caller(
     url = functions["rate_limited"].url
     audiences: list[str] = []
 
-    def provider(email: str) -> Any:
+    def provider(sub: str) -> Any:
         def token(audience: str) -> str:
             audiences.append(audience)
-            return _jwt({"email": email, "aud": audience})
+            return _jwt({"sub": sub, "aud": audience})
 
         return token
 
-    alice = aifn_client.Client(url, token_provider=provider("alice@example.com"), max_retries=0)
-    bob = aifn_client.Client(url, token_provider=provider("bob@example.com"), max_retries=0)
+    alice = aifn_client.Client(url, token_provider=provider("2001"), max_retries=0)
+    bob = aifn_client.Client(url, token_provider=provider("2002"), max_retries=0)
     alice.sentiment("hello")
-    # The function counts the budget per ID-token e-mail: Bob's is untouched by Alice's.
+    # The function counts the budget per ID-token principal: Bob's is untouched by Alice's.
     bob.sentiment("hello")
     with pytest.raises(aifn_client.AifnError) as caught:
         alice.sentiment("hello again")
@@ -251,6 +251,7 @@ class _TokenEndpoint(BaseHTTPRequestHandler):
         token = _jwt(
             {
                 "aud": assertion["target_audience"],
+                "sub": "3001",
                 "email": assertion["iss"],
                 "iat": int(time.time()),
                 "exp": int(time.time()) + 3600,

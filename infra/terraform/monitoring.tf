@@ -103,7 +103,7 @@ locals {
   batch_summary_filter = join(" AND ", [
     local.batch_filter,
     "jsonPayload.logger=\"aifn.batch\"",
-    "jsonPayload.message=~\"from the cache\\)$\"",
+    "jsonPayload.message=~\"from the cache[)]$\"",
   ])
 
   # Log-based distribution metrics: one value per processed file.
@@ -111,7 +111,7 @@ locals {
     lines       = { extractor = "EXTRACT(jsonPayload.records)", what = "Lines read (good and bad) per batch file" }
     predictions = { extractor = "EXTRACT(jsonPayload.predictions)", what = "Texts predicted per batch file" }
     line_errors = { extractor = "EXTRACT(jsonPayload.errors)", what = "Lines reported in the errors file, per batch file" }
-    cached      = { extractor = "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache\\\\)$\")", what = "Texts answered from the prediction cache, per batch file" }
+    cached      = { extractor = "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache[)]$\")", what = "Texts answered from the prediction cache, per batch file" }
   }
 
   log_metric_prefix = "logging.googleapis.com/user/${var.name_prefix}"

@@ -109,7 +109,7 @@ run "log_based_metrics_select_the_functions_log_lines" {
     error_message = "Batch metrics must read the batch services' logs only."
   }
   assert {
-    condition     = google_logging_metric.batch["cached"].value_extractor == "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache\\\\)$\")"
+    condition     = google_logging_metric.batch["cached"].value_extractor == "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache[)]$\")"
     error_message = "The cached count is read from the summary message's end."
   }
 }
