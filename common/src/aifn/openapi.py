@@ -70,7 +70,8 @@ COMPONENTS: dict[str, Any] = {
             },
             "truncated": {
                 "type": "boolean",
-                "description": "The text was longer than MAX_TOKENS and only its start was read.",
+                "description": "The text was longer than MAX_TOKENS tokens or MAX_TEXT_CHARS "
+                "characters and only its start was read.",
             },
             "cached": {
                 "type": "boolean",
@@ -82,7 +83,8 @@ COMPONENTS: dict[str, Any] = {
         "type": "string",
         "minLength": 1,
         "pattern": TEXT_PATTERN,
-        "description": "One text: not blank, no NUL character.",
+        "description": "One text: not blank, no NUL character. Only its first MAX_TEXT_CHARS "
+        "characters and MAX_TOKENS tokens are read (the result then says `truncated`).",
     },
     "TextList": {
         "type": "array",
