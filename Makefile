@@ -131,6 +131,16 @@ container-test: $(RUNTIME_STAMP)  ## Lint the Dockerfile, build both images, run
 infra-check:  ## Terraform, offline: fmt, validate and terraform test against hashicorp/google's schema, checkov, trivy.
 	PYTHON=$(PYTHON) bash infra/tools/check.sh
 
+# Google Cloud, for real (infra/terraform/README.md): gcloud and terraform >= 1.11 on PATH,
+# `gcloud auth login` done. DEPLOY_ARGS / DESTROY_ARGS pass further options (e.g. --dry-run,
+# --builder docker, --local-state; --delete-data, --wait).
+.PHONY: deploy destroy
+deploy:  ## Deploy both functions to Google Cloud: make deploy PROJECT=my-project REGION=europe-west1.
+	bash infra/deploy.sh --project "$(PROJECT)" --region "$(REGION)" $(DEPLOY_ARGS)
+
+destroy:  ## Tear the deployment down (the VPC subnet may need a second run 1-2 h later).
+	bash infra/destroy.sh --project "$(PROJECT)" --region "$(REGION)" $(DESTROY_ARGS)
+
 fmt: $(DEV_STAMP)  ## Format the code with ruff.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .

@@ -75,6 +75,8 @@ resource "google_cloud_run_v2_service_iam_member" "invoker" {
 #                    a revision runs as the function's account -> iam.serviceAccountUser on those
 #                    accounts only
 #   all steps        build logs (options.logging CLOUD_LOGGING_ONLY) -> logging.logWriter
+#   fetch the source `gcloud builds submit --gcs-source-staging-dir` uploads -> objectViewer on
+#                    the build-sources bucket only (storage.tf)
 # The test step needs nothing from the project. A user-specified build account has none of the
 # legacy Cloud Build account's project-wide rights.
 locals {

@@ -56,6 +56,11 @@ output "cloud_build_service_account" {
   value       = local.cloud_build ? google_service_account.cloud_build[0].email : null
 }
 
+output "build_source_bucket" {
+  description = "Bucket for gcloud builds submit --gcs-source-staging-dir=gs://<this>/source (the build's account reads sources only there; null when cloud_build.enabled is false)."
+  value       = local.cloud_build ? google_storage_bucket.build_sources[0].name : null
+}
+
 output "batch_dead_letter" {
   description = "Per function: the Pub/Sub subscription Eventarc created for its trigger, the dead-letter topic and its subscription, and the gcloud commands that give the trigger's subscription its dead-letter policy (make deploy runs them; Terraform cannot manage a subscription Eventarc owns)."
   value = {
@@ -77,4 +82,9 @@ output "batch_dead_letter" {
       ]
     }
   }
+}
+
+output "image_tag" {
+  description = "The image_tag this state was applied with (infra/destroy.sh passes it back, so unlocking the deployment for destroy does not roll the images)."
+  value       = var.image_tag
 }

@@ -78,3 +78,54 @@ resource "google_storage_bucket_iam_member" "model_readers" {
   role   = "roles/storage.objectViewer"
   member = each.value
 }
+
+# Where `gcloud builds submit --gcs-source-staging-dir=gs://<this>/source` uploads the source
+# (make deploy does): Cloud Build fetches it as the build's own service account, which may read
+# this bucket only, instead of the project-wide <project>_cloudbuild bucket gcloud would create.
+# Sources are kept a week.
+#trivy:ignore:AVD-GCP-0066
+resource "google_storage_bucket" "build_sources" {
+  #checkov:skip=CKV_GCP_62:Usage-log buckets are legacy; enable Data Access audit logs for storage.googleapis.com to record object reads.
+  count = local.cloud_build ? 1 : 0
+
+  project  = var.project_id
+  name     = "${var.project_id}-${var.name_prefix}-build-src"
+  location = upper(var.region)
+  labels   = local.labels
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = true # uploaded sources only, recreated by every build
+
+  versioning {
+    enabled = true
+  }
+
+  lifecycle_rule {
+    condition {
+      age = 7
+    }
+    action {
+      type = "Delete"
+    }
+  }
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = 1
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_storage_bucket_iam_member" "build_sources" {
+  count = local.cloud_build ? 1 : 0
+
+  bucket = google_storage_bucket.build_sources[0].name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.cloud_build[0].member
+}

@@ -114,6 +114,10 @@ run "cloud_build_account_with_exactly_its_roles" {
     error_message = "The build may act as the functions' runtime accounts only (not Eventarc's, not the project's)."
   }
   assert {
+    condition     = google_storage_bucket_iam_member.build_sources[0].role == "roles/storage.objectViewer" && google_storage_bucket_iam_member.build_sources[0].bucket == output.build_source_bucket
+    error_message = "The build may read the sources make deploy uploads, in their own bucket."
+  }
+  assert {
     condition     = contains(keys(google_project_service.enabled), "cloudbuild.googleapis.com")
     error_message = "The Cloud Build API must be enabled."
   }
