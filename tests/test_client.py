@@ -35,6 +35,7 @@ from .conftest import REPO, free_port, wait_for_port
 pytestmark = pytest.mark.integration
 
 CLIENT_PATH = REPO / "clients" / "python" / "aifn_client.py"
+API_KEY = "client-test-key-0123456789abcdef"
 TEXTS = [
     "I love this product!",
     "The delivery was late again.",
@@ -97,7 +98,7 @@ def functions(
     started: dict[str, Function] = {}
     try:
         started["small_batches"] = _start(
-            sentiment_model_dir, tmp / "small.log", MAX_BATCH_TEXTS="3"
+            sentiment_model_dir, tmp / "small.log", MAX_BATCH_TEXTS="3", API_KEYS=API_KEY
         )
         started["rate_limited"] = _start(
             sentiment_model_dir, tmp / "rate.log", RATE_LIMIT="1/2s", IAM_REQUIRED="true"
@@ -148,13 +149,13 @@ def test_batches_are_split_to_the_servers_limit_and_answered_in_order(
     aifn_client: ModuleType, functions: dict[str, Function]
 ) -> None:
     url = functions["small_batches"].url
-    client = aifn_client.Client(url, token_provider=None)
+    client = aifn_client.Client(url, token_provider=None, api_key=API_KEY)
     # Sent whole, 7 texts are over this server's MAX_BATCH_TEXTS=3.
     with pytest.raises(aifn_client.AifnError) as refused:
         client.request("POST", "/v1/analyze/sentiment", {"texts": TEXTS})
     assert (refused.value.status, refused.value.type) == (422, "too_many_texts")
 
-    client = aifn_client.Client(url, token_provider=None)
+    client = aifn_client.Client(url, token_provider=None, api_key=API_KEY)
     results = client.sentiment(TEXTS)
     assert client.max_batch_texts == 3  # learnt from the server's /openapi.json
     assert client.requests == 1 + 3  # the document, then 3 + 3 + 1 texts
@@ -166,7 +167,9 @@ def test_batches_are_split_to_the_servers_limit_and_answered_in_order(
 def test_an_invalid_request_raises_the_functions_error_at_once(
     aifn_client: ModuleType, functions: dict[str, Function]
 ) -> None:
-    client = aifn_client.Client(functions["small_batches"].url, token_provider=None)
+    client = aifn_client.Client(
+        functions["small_batches"].url, token_provider=None, api_key=API_KEY
+    )
     with pytest.raises(aifn_client.AifnError) as caught:
         client.sentiment(["fine", "   "])
     err = caught.value
@@ -176,6 +179,23 @@ def test_an_invalid_request_raises_the_functions_error_at_once(
     with pytest.raises(aifn_client.AifnError) as missing:
         client.request("GET", "/v1/nothing-here")
     assert (missing.value.status, missing.value.type) == (404, "not_found")
+
+
+def test_the_api_key_goes_in_its_header(
+    aifn_client: ModuleType, functions: dict[str, Function]
+) -> None:
+    url = functions["small_batches"].url
+    for key in (None, "not-the-key-but-long-enough"):
+        client = aifn_client.Client(url, token_provider=None, api_key=key)
+        with pytest.raises(aifn_client.AifnError) as caught:
+            client.sentiment("hello")
+        assert (caught.value.status, caught.value.type, caught.value.attempts) == (
+            401,
+            "unauthorized",
+            1,
+        )
+    client = aifn_client.Client(url, token_provider=None, api_key=API_KEY)
+    assert client.sentiment("hello")[0]["label"] in {"POSITIVE", "NEUTRAL", "NEGATIVE"}
 
 
 def test_a_rate_limited_call_waits_for_retry_after_and_succeeds(
