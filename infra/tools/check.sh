@@ -5,7 +5,7 @@
 #             pinned cdktn-provider-google wheel: shared by every clone on the machine), then into
 #             this clone's .cache/infra the provider schema derived from it and the schema-serving
 #             stand-in provider in a filesystem mirror
-#   fmt       terraform fmt -check
+#   fmt       terraform fmt -check, and shellcheck on infra/*.sh and this script
 #   validate  terraform init -backend=false + validate, against the stand-in (no network)
 #   test      terraform test (mock_provider) and the pytest that breaks the module on purpose
 #   scan      checkov --skip-download and trivy config
@@ -93,10 +93,11 @@ EOF
 
 # The module is copied to a work dir, so that the stand-in's .terraform/ and lock file (whose
 # checksum would break a real `terraform init`) never land in the repository.
+# One work dir per run: two runs in one clone (two engineers, or a run and the tests) must not
+# delete each other's .terraform/ halfway through.
 workdir() {
-  local work=$CACHE/work
-  rm -rf "$work"
-  mkdir -p "$work"
+  local work
+  work=$(mktemp -d "$CACHE/work.XXXXXX")
   tar -C "$MODULE" --exclude .terraform --exclude .terraform.lock.hcl --exclude '*.tfstate*' --exclude terraform.tfvars -c . \
     | tar -C "$work" -x
   echo "$work"
@@ -105,14 +106,16 @@ workdir() {
 check_fmt() {
   step "terraform fmt -check"
   terraform fmt -check -recursive -diff "$MODULE"
+  step "shellcheck (make deploy, make destroy, this check)"
+  "$TOOLS_VENV/bin/shellcheck" infra/*.sh infra/tools/*.sh
 }
 
 check_validate() {
   local work=$1
   step "terraform init -backend=false (stand-in provider from the filesystem mirror)"
-  terraform -chdir="$work" init -backend=false -input=false -no-color >"$CACHE/init.log" 2>&1 \
-    || { cat "$CACHE/init.log"; exit 1; }
-  grep -E "Installed hashicorp/google" "$CACHE/init.log"
+  terraform -chdir="$work" init -backend=false -input=false -no-color >"$work/init.log" 2>&1 \
+    || { cat "$work/init.log"; exit 1; }
+  grep -E "Installed hashicorp/google" "$work/init.log"
   step "terraform validate"
   terraform -chdir="$work" validate -no-color
 }
@@ -141,6 +144,7 @@ case "${1:-all}" in
     setup
     check_fmt
     work=$(workdir)
+    trap 'rm -rf "$work"' EXIT
     check_validate "$work"
     check_test "$work"
     check_scan
