@@ -29,10 +29,33 @@ from typing import Any
 
 from benchlib import free_port, start_function, wait_for_port
 
-WORDS = (
-    "the market shares rose after company reported strong quarterly earnings while analysts "
-    "expected weaker growth in europe and asia as the central bank held rates"
-).split()
+WORDS = [
+    "the",
+    "market",
+    "shares",
+    "rose",
+    "after",
+    "company",
+    "reported",
+    "strong",
+    "quarterly",
+    "earnings",
+    "while",
+    "analysts",
+    "expected",
+    "weaker",
+    "growth",
+    "in",
+    "europe",
+    "and",
+    "asia",
+    "as",
+    "the",
+    "central",
+    "bank",
+    "held",
+    "rates",
+]
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -67,7 +90,9 @@ REQUESTS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
         texts=[words(rng, 400) for _ in range(25)],
     ),
     "64 x 5,000 CJK characters": lambda rng: {
-        "texts": ["".join(chr(0x4E00 + rng.randrange(2000)) for _ in range(5000))] * 64,
+        "texts": [
+            "".join(chr(0x4E00 + rng.randrange(2000)) for _ in range(5000)) for _ in range(64)
+        ],
         "labels": ["sport", "politics"],
     },
 }
