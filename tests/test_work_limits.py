@@ -178,3 +178,32 @@ def test_classify_caches_new_labels_as_the_callers_own(classify: tuple[Any, Any]
     with caller_scope("addr:192.0.2.7"):
         main.predict(["a text"], main.parse_options({"labels": ["owner one", "owner two"]}))
     assert cache.owned("addr:192.0.2.7") == 2
+
+
+def test_over_http_one_callers_random_labels_leave_others_labels_cached() -> None:
+    """End to end: callers told apart by their address (the default identity), a small cache."""
+    client, main = _app(
+        "classify",
+        CLASSIFY_MODEL,
+        LABEL_CACHE_SIZE="64",
+        LABEL_CACHE_CALLER_SHARE="8",
+        MAX_LABELS="8",
+    )
+    cache = main.zero_shot.label_cache
+
+    def send(address: str, labels: list[str]) -> None:
+        response = client.post(
+            CLASSIFY,
+            json={"text": "The match ended in a draw.", "labels": labels},
+            headers={"X-Forwarded-For": address},
+        )
+        assert response.status_code == 200, response.get_json()
+
+    everyones = ["sport", "politics", "business", "technology"]
+    send("198.51.100.1", everyones)
+    send("198.51.100.2", everyones)  # used by two callers: shared
+    for request in range(100):  # 800 random labels from one address
+        send("203.0.113.9", [f"random {request}.{i}" for i in range(8)])
+    misses = cache.misses
+    send("198.51.100.3", everyones)
+    assert cache.misses == misses, "one caller's random labels evicted everyone's labels"
