@@ -31,6 +31,7 @@ SENTIMENT = "/v1/analyze/sentiment"
 CLASSIFY = "/v1/classify"
 LABELS = ["billing", "bug report"]
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+KEY = "hostile-test-key-0123456789"
 
 
 def _app(function: str, model: Path, **env: str) -> Any:
@@ -64,6 +65,17 @@ def guarded() -> Any:
         RATE_LIMIT="1000000/second",
         IAM_REQUIRED="true",
         FORWARDED_FOR_HOPS="2",
+    )[0]
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Any:
+    """Sentiment in API-key mode with a rate limit: the key header is read on every request."""
+    return _app(
+        "sentiment",
+        SENTIMENT_MODEL,
+        API_KEYS=KEY,
+        RATE_LIMIT="1000000/second",
     )[0]
 
 
@@ -327,6 +339,7 @@ _HEADER_NAMES = st.sampled_from(
         "traceparent",
         "X-Forwarded-For",
         "X-API-Key",
+        "X-API-Key",
         "Authorization",
         "X-Serverless-Authorization",
         "Accept",
@@ -335,7 +348,7 @@ _HEADER_NAMES = st.sampled_from(
     ]
 )
 _LATIN1 = st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f")
-_RUNS = st.sampled_from(["9" * 5000, "[" * 3000, "{", "/", ";o=1", ",", "=", TRACE, "\xff"])
+_RUNS = st.sampled_from(["9" * 5000, "[" * 3000, "{", "/", ";o=1", ",", "=", TRACE, "\xff", KEY])
 _HEADER_VALUES = st.one_of(
     st.lists(st.one_of(st.text(_LATIN1, max_size=40), _RUNS), max_size=4).map("".join),
     # Well-formed up to one field, then hostile there.
@@ -426,7 +439,7 @@ _BODIES = st.one_of(
 
 
 @given(
-    function=st.sampled_from(["sentiment", "classify", "guarded"]),
+    function=st.sampled_from(["sentiment", "classify", "guarded", "keyed"]),
     method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "HEAD"]),
     path=st.sampled_from(["endpoint", "/v1/health", "/openapi.json", "/x%ff", "/v1/health/"]),
     query=st.one_of(st.just(""), st.text(_LATIN1, max_size=30)),
@@ -445,6 +458,7 @@ def test_any_headers_and_body_get_json_and_never_a_5xx(
     sentiment: Any,
     classify: Any,
     guarded: Any,
+    keyed: Any,
     function: str,
     method: str,
     path: str,
@@ -453,7 +467,8 @@ def test_any_headers_and_body_get_json_and_never_a_5xx(
     headers: dict[str, str],
     body: str,
 ) -> None:
-    client = {"sentiment": sentiment, "classify": classify, "guarded": guarded}[function]
+    clients = {"sentiment": sentiment, "classify": classify, "guarded": guarded, "keyed": keyed}
+    client = clients[function]
     if path == "endpoint":
         path = CLASSIFY if function == "classify" else SENTIMENT
     sent = {"Content-Type": content_type, **headers}
