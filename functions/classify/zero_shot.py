@@ -11,8 +11,9 @@ cosine similarity to each label is turned into scores:
 
 The constants were fitted on the BBC News dev split (``bbc.py``), never on its test split: the
 temperature minimises the softmax's log-loss; slope and midpoint are a logistic regression of
-"this is the article's topic" on the cosine. Label embeddings are cached (bounded LRU), so a
-label set seen before costs no model call.
+"this is the article's topic" on the cosine. Label embeddings are cached (bounded, with a share
+per caller that one caller's new labels cannot exceed: :class:`LabelCache`), so a label set seen
+before costs no model call.
 """
 
 from __future__ import annotations
