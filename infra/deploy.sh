@@ -187,8 +187,10 @@ if [ ${#missing[@]} -gt 0 ]; then
       sa="<terraform output cloud_build_service_account>"
       src="<terraform output build_source_bucket>"
     else
-      sa=$(terraform -chdir="$TF_DIR" output -raw cloud_build_service_account)
-      src=$(terraform -chdir="$TF_DIR" output -raw build_source_bucket)
+      if ! sa=$(terraform -chdir="$TF_DIR" output -raw cloud_build_service_account 2>/dev/null) \
+        || ! src=$(terraform -chdir="$TF_DIR" output -raw build_source_bucket 2>/dev/null); then
+        die "no Cloud Build service account (cloud_build.enabled = false?): deploy with DEPLOY_ARGS=\"--builder docker\""
+      fi
     fi
     # cloudbuild.yaml builds what is missing and skips tags that exist; _DEPLOY=false: the
     # services do not exist yet, Terraform creates them in stage 3.
