@@ -148,8 +148,9 @@ resource "google_cloud_run_v2_service" "batch" {
   ]
 }
 
-# Variant for image_owner = "ci".
-# The two variants differ only in for_each and lifecycle (tests/test_infra.py holds them equal).
+# The same, when CI owns the image (var.image_owner = "ci"): lifecycle.ignore_changes cannot depend
+# on a variable, so this is a second resource, identical but for for_each and lifecycle
+# (tests/test_infra.py holds the two equal). README, "Who owns the running image".
 resource "google_cloud_run_v2_service" "batch_ci" {
   for_each = var.image_owner == "ci" ? local.batch_functions : {}
 
@@ -332,8 +333,9 @@ resource "google_cloud_run_v2_job" "batch" {
   ]
 }
 
-# Variant for image_owner = "ci".
-# The two variants differ only in for_each and lifecycle (tests/test_infra.py holds them equal).
+# The same, when CI owns the image (var.image_owner = "ci"): lifecycle.ignore_changes cannot depend
+# on a variable, so this is a second resource, identical but for for_each and lifecycle
+# (tests/test_infra.py holds the two equal). README, "Who owns the running image".
 resource "google_cloud_run_v2_job" "batch_ci" {
   for_each = var.image_owner == "ci" ? local.batch_functions : {}
 

@@ -1,5 +1,6 @@
 # The HTTP functions: one Cloud Run service per function, request-based autoscaling, private
-# unless var.invokers / var.allow_unauthenticated say otherwise.
+# unless var.invokers / var.allow_unauthenticated say otherwise. This variant when Terraform owns
+# the image (var.image_owner = "terraform", the default); refer to local.services for either.
 
 resource "google_cloud_run_v2_service" "function" {
   for_each = var.image_owner == "terraform" ? var.functions : {}
@@ -125,8 +126,9 @@ resource "google_cloud_run_v2_service" "function" {
   ]
 }
 
-# Variant for image_owner = "ci".
-# The two variants differ only in for_each and lifecycle (tests/test_infra.py holds them equal).
+# The same, when CI owns the image (var.image_owner = "ci"): lifecycle.ignore_changes cannot depend
+# on a variable, so this is a second resource, identical but for for_each and lifecycle
+# (tests/test_infra.py holds the two equal). README, "Who owns the running image".
 resource "google_cloud_run_v2_service" "function_ci" {
   for_each = var.image_owner == "ci" ? var.functions : {}
 
