@@ -40,7 +40,7 @@ AIFN_CACHE := $(or $(AIFN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aifn
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-threads bench-load bench-batch-memory services infra-check
+.PHONY: help serve test test-fast lint fmt model train batch venv dev clean clean-cache bench bench-cache bench-cache-scope bench-work-limits bench-threads bench-load bench-batch-memory services infra-check
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -112,13 +112,14 @@ test: $(DEV_STAMP) model services  ## Run the whole test suite (unit, integratio
 test-fast: $(DEV_STAMP) model services  ## The inner loop: every test not marked slow (acceptance figures, fine-tunes, faults, fuzzing).
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/ and each function.
+lint: $(DEV_STAMP)  ## ruff (lint + format check) and mypy (strict) on common/, each function and the Python client.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@# mypy's cache is checked file by file (hashes), so every clone on the machine can share it.
 	MYPY_CACHE_DIR=$(AIFN_CACHE)/mypy $(VENV)/bin/mypy
 	@# One run per function: each folder is its own top-level import root (main, recipe, ...).
 	for f in functions/*/; do MYPY_CACHE_DIR=$(AIFN_CACHE)/mypy MYPYPATH=$$f $(VENV)/bin/mypy $$f || exit 1; done
+	MYPY_CACHE_DIR=$(AIFN_CACHE)/mypy $(VENV)/bin/mypy clients/python
 
 # Its own Docker engine (installs docker.io, debootstrap, docker-compose when missing, as root),
 # its own base image and wheelhouse (its data root is in ~/.cache/aifn/container, shared by the
@@ -165,6 +166,12 @@ bench-load: $(DEV_STAMP) model  ## Throughput under load vs the seed's naive pat
 
 bench-cache: model services  ## Prediction cache: hit vs miss, in-process vs Redis vs none (bench/cache.py).
 	HF_HUB_OFFLINE=1 $(PY) bench/cache.py --json bench/results/cache.json
+
+bench-cache-scope: $(DEV_STAMP)  ## Hit ratio of a per-caller cache against a shared one on a Zipf mix of callers (bench/cache_scope.py).
+	$(PY) bench/cache_scope.py --json bench/results/cache-scope.json
+
+bench-work-limits: $(DEV_STAMP) model  ## How long the largest allowed request holds a classify instance (bench/work_limits.py).
+	HF_HUB_OFFLINE=1 $(PY) bench/work_limits.py --repeat 5 $(BENCH_ARGS)
 
 bench-batch-memory: $(RUNTIME_STAMP)  ## Batch files: peak RSS on a 1 GB single-line file and a 1M-line file vs a small one (bench/batch_memory.py).
 	$(PY) bench/batch_memory.py --json bench/results/batch-memory.json $(BENCH_ARGS)
