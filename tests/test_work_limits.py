@@ -107,6 +107,18 @@ def test_work_units_are_texts_plus_new_label_prompts(classify: tuple[Any, Any]) 
     assert service.work_units("/nowhere", body) == 1
 
 
+def test_a_list_the_api_refuses_costs_one_unit_not_its_length() -> None:
+    """1,000 texts are refused (422 too_many_texts) before any model work; charging 1,000
+    units of rate limit for them would lock the caller out for work never done."""
+    client, main = _app("sentiment", SENTIMENT_MODEL, MAX_BATCH_TEXTS="8")
+    service = main.service
+    assert service.work_units(SENTIMENT, {"texts": ["fine"] * 8}) == 8
+    assert service.work_units(SENTIMENT, {"texts": ["fine"] * 1000}) == 1
+    refused = client.post(SENTIMENT, json={"texts": ["fine"] * 1000})
+    assert refused.status_code == 422
+    assert refused.get_json()["error"]["type"] == "too_many_texts"
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [

@@ -96,7 +96,7 @@ def iam_caller(request: flask.Request) -> str | None:
         return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: nested too deep
         return None
     if not isinstance(payload, dict):
         return None

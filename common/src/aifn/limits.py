@@ -103,8 +103,13 @@ def mark_cut(predictions: list[Prediction], cut: Sequence[bool]) -> list[Predict
     ]
 
 
-def count_texts(body: Any) -> int:
-    """Texts in a ``text``/``texts`` body, at least 1; never raises, whatever ``body`` is."""
+def count_texts(body: Any, max_texts: int) -> int:
+    """Texts in a ``text``/``texts`` body, at least 1; never raises, whatever ``body`` is.
+
+    A list over ``max_texts`` counts 1: it is refused (422 ``too_many_texts``) before any model
+    work, so charging its length would lock its caller out for work never done.
+    """
     if isinstance(body, dict) and isinstance(body.get("texts"), list):
-        return max(1, len(body["texts"]))
+        n = len(body["texts"])
+        return max(1, n) if n <= max_texts else 1
     return 1

@@ -199,7 +199,11 @@ class Service:
         if route is None:
             return 1
         try:
-            units = route.work(body) if route.work is not None else count_texts(body)
+            units = (
+                route.work(body)
+                if route.work is not None
+                else count_texts(body, self.settings.max_batch_texts)
+            )
         except Exception:  # a malformed body: the handler refuses it with a 4xx
             return 1
         return max(1, units)
