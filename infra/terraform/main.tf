@@ -23,12 +23,15 @@ locals {
     }
   }
 
-  # Memorystore as the cache issue expects it: host, TLS port, and the server CA (public, PEM
+  # Memorystore as the cache issue expects it: host, TLS port, and every server CA (public, PEM
   # text); the AUTH string is a Secret Manager reference added in the container's env blocks.
+  # During a server CA rotation Memorystore lists two CAs (the old and the new) and the server
+  # may present a certificate from either, so the bundle carries all of them
+  # (https://cloud.google.com/memorystore/docs/redis/about-in-transit-encryption#certificate_authority_rotation).
   redis_env = var.redis.enabled ? {
     REDIS_HOST    = google_redis_instance.cache[0].host
     REDIS_PORT    = tostring(google_redis_instance.cache[0].port)
-    REDIS_CA_CERT = google_redis_instance.cache[0].server_ca_certs[0].cert
+    REDIS_CA_CERT = join("\n", google_redis_instance.cache[0].server_ca_certs[*].cert)
   } : {}
 
   env = {

@@ -268,3 +268,32 @@ run "batch_wiring" {
     error_message = "Each job runs aifn.batch over its function's input prefix in 4 tasks."
   }
 }
+
+run "every_memorystore_ca_is_trusted" {
+  # A CA rotation: Memorystore lists the old and the new server CA; a certificate from either
+  # must verify, so the functions get both (the first alone broke TLS mid-rotation). A state of
+  # its own, so the instance is created with the overridden CAs rather than kept from the runs
+  # above.
+  command   = apply
+  state_key = "ca_rotation"
+
+  override_resource {
+    target = google_redis_instance.cache[0]
+    values = {
+      host = "10.9.0.3"
+      port = 6378
+      server_ca_certs = [
+        { cert = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n", create_time = "", expire_time = "", serial_number = "1", sha1_fingerprint = "" },
+        { cert = "-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n", create_time = "", expire_time = "", serial_number = "2", sha1_fingerprint = "" },
+      ]
+    }
+  }
+
+  assert {
+    condition = alltrue([for s in google_cloud_run_v2_service.function :
+      strcontains(one([for e in s.template[0].containers[0].env : e.value if e.name == "REDIS_CA_CERT"]), "OLD") &&
+      strcontains(one([for e in s.template[0].containers[0].env : e.value if e.name == "REDIS_CA_CERT"]), "NEW")
+    ])
+    error_message = "Functions must trust every Memorystore server CA, not only the first."
+  }
+}

@@ -43,6 +43,8 @@ mock_provider "google" {
 variables {
   project_id = "example-project"
   image_tag  = "c0ffee1"
+  # The IAM propagation wait (a local sleep before the Eventarc triggers) is for real projects.
+  iam_propagation_wait_seconds = 0
 }
 
 run "dashboard_reads_only_emitted_metrics" {
