@@ -147,19 +147,28 @@ def _call(url: str, data: bytes | None = None, headers: dict[str, str] | None = 
 def http_lines(
     sentiment_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[dict[str, Any]], bytes]:
-    """(request log entries of a 200, a 422 and a 429, the health answer's body)."""
+    """(request log entries of two 200s, a 422 and a 429, the health answer's body).
+
+    The second 200 sends the first one's text again beside a new one: 2 texts, 1 from the cache.
+    Its 2 units of rate limit, with 1 for each other request, spend the budget of 4 by the 429.
+    """
     log_path = tmp_path_factory.mktemp("http") / "server.log"
     proc, url = _start(
-        "sentiment", log_path, {"MODEL_DIR": str(sentiment_model_dir), "RATE_LIMIT": "2/minute"}
+        "sentiment", log_path, {"MODEL_DIR": str(sentiment_model_dir), "RATE_LIMIT": "4/minute"}
     )
     try:
         post = {"Content-Type": "application/json"}
         statuses = [
             _call(f"{url}/v1/analyze/sentiment", b'{"text": "I love it"}', post),
+            _call(
+                f"{url}/v1/analyze/sentiment",
+                b'{"texts": ["I love it", "Broke after a day."]}',
+                post,
+            ),
             _call(f"{url}/v1/analyze/sentiment", b'{"text": ""}', post),
             _call(f"{url}/v1/analyze/sentiment", b'{"text": "again"}', post),
         ]
-        assert statuses == [200, 422, 429]
+        assert statuses == [200, 200, 422, 429]
         with urllib.request.urlopen(f"{url}/v1/health", timeout=30) as response:
             health = response.read()
     finally:
@@ -245,6 +254,24 @@ def test_the_error_metric_counts_each_error_answer_by_its_type(
     ]
 
 
+def test_the_cache_hit_ratio_reads_each_answered_predictions_counts(
+    http_lines: tuple[list[dict[str, Any]], bytes],
+) -> None:
+    entries, _ = http_lines
+    text = _tf()
+    block = _block(text, "http_prediction_filter = join(")
+    terms = _terms(block[: block.index("])")])
+    assert ("logger", "=", "aifn.request") in terms
+    selected = [e for e in entries if _selects(terms, e)]
+    http_values = text[text.index("http_values = {") : text.index("log_metric_prefix =")]
+    extractors = dict(re.findall(r'(\w+)\s+= \{ extractor = "(.*?)", what', http_values))
+    assert set(extractors) == {"texts", "cached"}
+    values = [{k: _extract(extractors[k], e) for k in ("texts", "cached")} for e in selected]
+    # Only the two answered predictions (not the 422, the 429 or health): 1 text, none cached;
+    # then 2 texts, the repeated one from the cache. Over the two: 1 of 3 texts was a hit.
+    assert values == [{"texts": 1, "cached": 0}, {"texts": 2, "cached": 1}]
+
+
 def _extract_label(extractor: str, payload: dict[str, Any]) -> str:
     m = re.fullmatch(r"EXTRACT\(jsonPayload\.(\w+)\)", extractor)
     assert m, extractor
@@ -263,7 +290,8 @@ def test_the_batch_metrics_read_each_processed_files_summary(
     # Two files processed; the event for the service's own output is logged but not selected.
     assert any("ignored" in e["message"] for e in batch_lines)
     assert len(selected) == 2
-    extractors = dict(re.findall(r'(\w+)\s+= \{ extractor = "(.*?)", what', text))
+    batch_values = text[text.index("batch_values = {") : text.index("http_prediction_filter")]
+    extractors = dict(re.findall(r'(\w+)\s+= \{ extractor = "(.*?)", what', batch_values))
     assert set(extractors) == {"lines", "predictions", "line_errors", "cached"}
     values = [{k: _extract(x, e) for k, x in extractors.items()} for e in selected]
     # 4 lines each: 3 predicted, 1 error; the second file's 3 texts come from the cache.

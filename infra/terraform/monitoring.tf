@@ -114,6 +114,18 @@ locals {
     cached      = { extractor = "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache[)]$\")", what = "Texts answered from the prediction cache, per batch file" }
   }
 
+  # The request log line of each answered prediction (aifn.service: texts, and how many of them
+  # the prediction cache answered), for the HTTP cache hit ratio.
+  http_prediction_filter = join(" AND ", [
+    local.http_filter,
+    "jsonPayload.logger=\"aifn.request\"",
+    "jsonPayload.texts:*",
+  ])
+  http_values = {
+    texts  = { extractor = "EXTRACT(jsonPayload.texts)", what = "Texts predicted per HTTP request" }
+    cached = { extractor = "EXTRACT(jsonPayload.cached)", what = "Texts answered from the prediction cache, per HTTP request" }
+  }
+
   log_metric_prefix = "logging.googleapis.com/user/${var.name_prefix}"
 
   by_service = ["resource.label.service_name"]
@@ -171,6 +183,23 @@ locals {
           timeSeriesQuery = { timeSeriesFilter = {
             filter      = "metric.type=\"${local.log_metric_prefix}_request_errors\" AND resource.type=\"cloud_run_revision\""
             aggregation = { alignmentPeriod = "60s", perSeriesAligner = "ALIGN_RATE", crossSeriesReducer = "REDUCE_SUM", groupByFields = concat(local.by_service, ["metric.label.error_type"]) }
+          } }
+        }]
+      },
+      {
+        title = "Prediction-cache hit ratio (cached / predicted texts)",
+        dataSets = [{
+          plotType       = "LINE"
+          legendTemplate = "$${resource.labels.service_name}"
+          timeSeriesQuery = { timeSeriesFilterRatio = {
+            numerator = {
+              filter      = "metric.type=\"${local.log_metric_prefix}_http_cached\" AND resource.type=\"cloud_run_revision\""
+              aggregation = { alignmentPeriod = "300s", perSeriesAligner = "ALIGN_SUM", crossSeriesReducer = "REDUCE_MEAN", groupByFields = local.by_service }
+            }
+            denominator = {
+              filter      = "metric.type=\"${local.log_metric_prefix}_http_texts\" AND resource.type=\"cloud_run_revision\""
+              aggregation = { alignmentPeriod = "300s", perSeriesAligner = "ALIGN_SUM", crossSeriesReducer = "REDUCE_MEAN", groupByFields = local.by_service }
+            }
           } }
         }]
       },
@@ -291,6 +320,32 @@ resource "google_logging_metric" "request_errors" {
   depends_on = [google_project_service.enabled]
 }
 
+resource "google_logging_metric" "http" {
+  for_each = length(local.monitored_http) > 0 ? local.http_values : {}
+
+  project         = var.project_id
+  name            = "${var.name_prefix}_http_${each.key}"
+  description     = "${each.value.what} (the function's request log line of an answered prediction)."
+  filter          = local.http_prediction_filter
+  value_extractor = each.value.extractor
+
+  metric_descriptor {
+    metric_kind  = "DELTA"
+    value_type   = "DISTRIBUTION"
+    unit         = "1"
+    display_name = "${var.name_prefix} ${each.key} texts per request"
+  }
+  bucket_options {
+    exponential_buckets {
+      num_finite_buckets = 16
+      growth_factor      = 2
+      scale              = 1
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
 resource "google_logging_metric" "batch_files" {
   count = length(local.monitored_batch) > 0 ? 1 : 0
 
@@ -341,7 +396,7 @@ resource "google_monitoring_dashboard" "functions" {
   project        = var.project_id
   dashboard_json = jsonencode(local.dashboard)
 
-  depends_on = [google_logging_metric.request_errors, google_logging_metric.batch_files, google_logging_metric.batch, google_project_service.enabled]
+  depends_on = [google_logging_metric.request_errors, google_logging_metric.http, google_logging_metric.batch_files, google_logging_metric.batch, google_project_service.enabled]
 }
 
 # Uptime checks: GET https://<service host>/v1/health every monitoring_uptime_period from

@@ -315,6 +315,7 @@ class Service:
                     limit_headers = self.guard.charge(caller, self.work_units(path, body))
                 result = route.handler(body)
             if not isinstance(result, flask.Response):
+                _note_results(request, result)
                 result = _json_response(result, 200)
             response = result
         except errors.ApiError as exc:
@@ -353,6 +354,9 @@ class Service:
             fields["error_type"] = error.type
         if auth.KEY_ID_ENVIRON in request.environ:  # the key's id, never the key
             fields["api_key_id"] = request.environ[auth.KEY_ID_ENVIRON]
+        if _TEXTS_ENVIRON in request.environ:  # counts only, never the texts
+            fields["texts"] = request.environ[_TEXTS_ENVIRON]
+            fields["cached"] = request.environ[_CACHED_ENVIRON]
         level = logging.ERROR if response.status_code >= 500 else logging.INFO
         log.log(
             level,
@@ -361,6 +365,21 @@ class Service:
             request.path,
             response.status_code,
             extra={"fields": fields},
+        )
+
+
+# A prediction's texts and how many the cache answered, for the request log line: what the
+# deployment's dashboard charts as the prediction-cache hit ratio (infra/terraform/monitoring.tf).
+_TEXTS_ENVIRON = "aifn.texts"
+_CACHED_ENVIRON = "aifn.cached"
+
+
+def _note_results(request: flask.Request, payload: dict[str, Any]) -> None:
+    results = payload.get("results")
+    if isinstance(results, list):
+        request.environ[_TEXTS_ENVIRON] = len(results)
+        request.environ[_CACHED_ENVIRON] = sum(
+            1 for r in results if isinstance(r, dict) and r.get("cached") is True
         )
 
 

@@ -61,13 +61,14 @@ run "dashboard_reads_only_emitted_metrics" {
       "4xx and 5xx per second",
       "429 per second (Cloud Run and function; causes in the next chart)",
       "Error answers by type per second (overloaded, rate_limited, deadline_exceeded...)",
+      "Prediction-cache hit ratio (cached / predicted texts)",
       "5xx ratio",
       "Instances",
       "Batch files processed per minute",
       "Batch lines per file (mean): read, predicted, errors",
       "Batch prediction-cache hit ratio (cached / predicted texts)",
     ])
-    error_message = "The dashboard must chart requests, p50/p99 latency, 4xx/5xx, 429 and error causes, instances, and the batch files, lines and cache hit ratio."
+    error_message = "The dashboard must chart requests, p50/p99 latency, 4xx/5xx, 429 and error causes, the cache hit ratio, instances, and the batch files, lines and cache hit ratio."
   }
   # Every metric type a chart reads is Cloud Run's own or a log-based metric this module defines.
   assert {
@@ -80,7 +81,7 @@ run "dashboard_reads_only_emitted_metrics" {
             try(ds.timeSeriesQuery.timeSeriesFilterRatio.denominator.filter, ""),
             ]) : contains(concat(
             ["run.googleapis.com/request_count", "run.googleapis.com/request_latencies", "run.googleapis.com/container/instance_count"],
-            [for m in concat(google_logging_metric.request_errors, google_logging_metric.batch_files, values(google_logging_metric.batch)) : "logging.googleapis.com/user/${m.name}"],
+            [for m in concat(google_logging_metric.request_errors, values(google_logging_metric.http), google_logging_metric.batch_files, values(google_logging_metric.batch)) : "logging.googleapis.com/user/${m.name}"],
           ), regex("metric.type=\"([^\"]+)\"", f)[0])
         ]
       ]
@@ -99,6 +100,12 @@ run "log_based_metrics_select_the_functions_log_lines" {
   assert {
     condition     = strcontains(google_logging_metric.request_errors[0].filter, "jsonPayload.logger=\"aifn.request\" AND jsonPayload.error_type:*") && google_logging_metric.request_errors[0].label_extractors.error_type == "EXTRACT(jsonPayload.error_type)"
     error_message = "Error answers are counted from the request log's error_type, by type."
+  }
+  assert {
+    condition = toset(keys(google_logging_metric.http)) == toset(["texts", "cached"]) && alltrue([for m in values(google_logging_metric.http) :
+      strcontains(m.filter, "jsonPayload.logger=\"aifn.request\" AND jsonPayload.texts:*") && m.value_extractor == "EXTRACT(jsonPayload.${trimprefix(m.name, "aifn_http_")})"
+    ])
+    error_message = "The HTTP cache hit ratio reads each answered prediction's texts and cached counts from the request log."
   }
   assert {
     condition     = toset(keys(google_logging_metric.batch)) == toset(["lines", "predictions", "line_errors", "cached"])
@@ -204,7 +211,7 @@ run "monitoring_off_creates_nothing" {
     condition = (length(google_monitoring_dashboard.functions) + length(google_monitoring_alert_policy.error_ratio) +
       length(google_monitoring_alert_policy.latency) + length(google_monitoring_alert_policy.uptime) +
       length(google_monitoring_uptime_check_config.health) + length(google_cloud_run_v2_service_iam_member.uptime_invoker) +
-    length(google_logging_metric.request_errors) + length(google_logging_metric.batch_files) + length(google_logging_metric.batch)) == 0
+    length(google_logging_metric.request_errors) + length(google_logging_metric.http) + length(google_logging_metric.batch_files) + length(google_logging_metric.batch)) == 0
     error_message = "monitoring_enabled = false must create no dashboard, alert, uptime check, agent binding or log-based metric."
   }
 }
