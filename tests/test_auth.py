@@ -19,8 +19,7 @@ from aifn.errors import ConfigError, RateLimited, Unauthorized
 from aifn.ratelimit import Rate, RateLimiter
 from aifn.settings import Settings
 
-from .conftest import RedisServer
-from .test_server_process import Server, start_server
+from .helpers import RedisServer, Server, start_server
 
 ENDPOINT = "/v1/analyze/sentiment"
 OLD_KEY = "old-key-5f1c2e9a7b3d4c6e8f0a1b2c"

@@ -24,7 +24,7 @@ from aifn.errors import ConfigError, InvalidRequest, Overloaded
 from aifn.model import ModelIdentity, Prediction
 from aifn.settings import read_env, settings_table
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 class FakeService:

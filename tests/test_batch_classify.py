@@ -19,7 +19,7 @@ import pytest
 
 from aifn.batch import FINALIZED
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,7 @@ import pytest
 
 from aifn.model import TextClassifier, TextEncoder
 
-from .conftest import CLASSIFY_MODEL
-from .test_server_process import Server, start_server
+from .helpers import CLASSIFY_MODEL, Server, start_server
 
 pytestmark = pytest.mark.integration
 

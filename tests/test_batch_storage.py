@@ -29,7 +29,7 @@ from aifn.batch_io import Location
 from aifn.cache import PredictionCache
 from aifn.errors import Overloaded
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.integration
 

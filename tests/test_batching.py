@@ -7,7 +7,6 @@ worker busy while requests queue behind it, which is how merging happens under l
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,45 +16,13 @@ import pytest
 from aifn.batching import DynamicBatcher
 from aifn.errors import DeadlineExceeded, Overloaded
 
-
-class Recorder:
-    """Upper-cases texts; records batches; can be held busy; fails on texts containing 'poison'."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def __call__(self, texts: list[str]) -> list[str]:
-        self.batches.append(list(texts))
-        self.entered.set()
-        self.gate.wait(10)
-        if any("poison" in t for t in texts):
-            raise ValueError("cannot process poison")
-        return [t.upper() for t in texts]
+from .helpers import Recorder, hold
 
 
 def batcher(model: Recorder, **overrides: float) -> DynamicBatcher[str]:
     options = {"max_batch": 8, "max_wait": 0.0, "max_queued": 64, "timeout": 10.0}
     options.update(overrides)
     return DynamicBatcher(model, **options)  # type: ignore[arg-type]
-
-
-def hold(model: Recorder, b: DynamicBatcher[str]) -> threading.Thread:
-    """Make the worker busy with one request until ``model.gate`` is set."""
-    model.gate.clear()
-    model.entered.clear()
-
-    def run() -> None:
-        # A short-deadline test may time the holder out too.
-        with contextlib.suppress(DeadlineExceeded):
-            b(["holder"])
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    assert model.entered.wait(5)
-    return thread
 
 
 def test_results_come_back_to_the_right_request_in_order() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_server_process import start_server
+from .helpers import start_server
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from aifn.errors import ConfigError
 from aifn.model import Scores
 from aifn.settings import Settings
 
-from .conftest import RedisServer, free_port
+from .helpers import RedisServer, free_port
 
 WIDTH = 3
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RedisServer
-from .test_server_process import Server, start_server
+from .helpers import RedisServer, Server, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -206,7 +205,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(
 def test_unreachable_redis_never_delays_startup_or_answers(
     sentiment_model_dir: Path, tmp_path: Path
 ) -> None:
-    from .conftest import free_port
+    from .helpers import free_port
 
     server = start_server(
         sentiment_model_dir,

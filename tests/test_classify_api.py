@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from .conftest import REPO, served_revision
+from .helpers import REPO, served_revision
 
 pytestmark = pytest.mark.integration
 

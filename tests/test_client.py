@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import pytest
 from benchlib import function_command
 
-from .conftest import REPO, free_port, wait_for_port
+from .helpers import REPO, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 

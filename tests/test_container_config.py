@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import REPO
+from .helpers import REPO
 
 FUNCTIONS = ("sentiment", "classify")
 

@@ -25,7 +25,7 @@ from aifn.model import (
     served_graph,
 )
 
-from .conftest import CLASSIFY_MODEL, REPO
+from .helpers import CLASSIFY_MODEL, REPO
 
 TEXTS = [
     "I love this, it works perfectly!",

@@ -26,8 +26,7 @@ from typing import Any
 import pytest
 from benchlib import function_command, process_tree
 
-from .conftest import REPO, RedisServer, free_port
-from .test_server_process import Server, start_server
+from .helpers import REPO, RedisServer, Server, free_port, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

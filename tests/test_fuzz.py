@@ -29,9 +29,7 @@ from aifn.errors import InvalidRequest
 from aifn.openapi import COMPONENTS
 from aifn.validation import check_string, fold
 
-from .conftest import REPO, SENTIMENT_MODEL
-from .test_classify_api import CLASSIFY_MODEL
-from .test_server_process import Server, start_server
+from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL, Server, start_server
 
 MODELS = {"sentiment": SENTIMENT_MODEL, "classify": CLASSIFY_MODEL}
 MIN_CASES = 1000

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
+from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -295,7 +295,7 @@ def test_a_deeply_nested_id_token_counts_as_no_identity(guarded: Any) -> None:
 
 def test_a_body_cut_off_mid_chunk_is_a_400_not_a_500(tmp_path: Path) -> None:
     """Over a real socket (gunicorn): a chunked body whose client stops sending."""
-    from .test_server_process import start_server
+    from .helpers import start_server
 
     server = start_server(SENTIMENT_MODEL, tmp_path)
     try:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import REPO
+from .helpers import REPO
 
 MODULE = REPO / "infra" / "terraform"
 TOOLS = REPO / "infra" / "tools"

@@ -21,9 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aifn.batching import DynamicBatcher
 from aifn.metrics import Metrics
 
-from .conftest import served_revision
-from .test_batching import Recorder, hold
-from .test_server_process import Server, start_server
+from .helpers import Recorder, Server, hold, served_revision, start_server
 
 ENDPOINT = "/v1/analyze/sentiment"
 # Labels -> value, per sample name.

@@ -19,7 +19,7 @@ import pytest
 from aifn import model_cache, model_source
 from aifn.model import BUILD_INFO, content_hash
 
-from .conftest import CLASSIFY_MODEL, REPO
+from .helpers import CLASSIFY_MODEL, REPO
 
 RECIPE = """
 import os, shutil, time

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import REPO, VENV_BIN, free_port, wait_for_port
+from .helpers import REPO, VENV_BIN, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 

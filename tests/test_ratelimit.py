@@ -23,8 +23,7 @@ from aifn.ratelimit import (
 )
 from aifn.settings import Settings
 
-from .conftest import RedisServer, free_port
-from .test_server_process import Server, start_server
+from .helpers import RedisServer, Server, free_port, start_server
 
 ENDPOINT = "/v1/analyze/sentiment"
 

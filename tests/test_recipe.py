@@ -17,7 +17,7 @@ import pytest
 from aifn import model_source, training
 from aifn.model import BUILD_INFO, TextClassifier
 
-from .conftest import REPO
+from .helpers import REPO
 
 RECIPE_PATH = REPO / "functions" / "sentiment" / "recipe.py"
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import REPO, VENV_BIN
+from .helpers import REPO, VENV_BIN
 
 
 def test_cloudbuild_config_matches_the_cloud_build_schema() -> None:

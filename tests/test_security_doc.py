@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from aifn.settings import Settings
 
-from .conftest import REPO
+from .helpers import REPO
 
 SECURITY = (REPO / "SECURITY.md").read_text(encoding="utf-8")
 README = (REPO / "README.md").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ from aifn.errors import ERROR_TYPES, ConfigError, errors_table
 from aifn.ratelimit import Rate
 from aifn.settings import Settings, documented_settings, read_env, settings_table
 
-from .conftest import REPO
+from .helpers import REPO
 
 DEFAULT_DIR = Path("/models/x")
 

@@ -21,7 +21,7 @@ from aifn import train
 from aifn.model import BUILD_INFO, FLOAT32_GRAPH, model_kind
 from aifn.training import TRAINING_RECORD
 
-from .conftest import REPO
+from .helpers import REPO
 
 CLASSIFY = REPO / "functions" / "classify"
 BBC_MODEL = REPO / "models" / "classify-bbc"

@@ -18,7 +18,7 @@ import pytest
 from aifn.cache import caller_scope
 from aifn.model import TextEncoder
 
-from .conftest import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
+from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
 
 sys.path.insert(0, str(REPO / "functions" / "classify"))
 import zero_shot

@@ -12,7 +12,7 @@ import pytest
 from aifn import model_source
 from aifn.model import BUILD_INFO, TextEncoder
 
-from .conftest import CLASSIFY_MODEL, REPO
+from .helpers import CLASSIFY_MODEL, REPO
 
 CLASSIFY = REPO / "functions" / "classify"
 
