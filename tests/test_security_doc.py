@@ -10,6 +10,7 @@ from .helpers import REPO
 
 SECURITY = (REPO / "SECURITY.md").read_text(encoding="utf-8")
 README = (REPO / "README.md").read_text(encoding="utf-8")
+SECURITY_PAGE = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
 
 # The settings that decide who may call, who a caller is, and what one caller may learn or use.
 GUARDS = (
@@ -38,5 +39,6 @@ def test_every_guarding_setting_is_real_and_explained() -> None:
         assert f"`{var}`" in SECURITY, f"SECURITY.md does not explain {var}"
 
 
-def test_readme_points_to_it() -> None:
+def test_readme_and_the_security_page_point_to_it() -> None:
     assert "(SECURITY.md)" in README
+    assert "(../SECURITY.md)" in SECURITY_PAGE
