@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # on machines where PyPI's default torch wheel is the multi-GB CUDA build.
 TORCH_INDEX ?=
 
-# Where each function's model comes from (see README, "Model sources") and where it is prepared.
+# Where each function's model comes from (docs/models.md, "Model sources") and where it is prepared.
 SENTIMENT_MODEL_SOURCE ?= recipe:functions/sentiment/recipe.py
 CLASSIFY_MODEL_SOURCE ?= recipe:functions/classify/recipe.py
 MODELS := models
@@ -145,6 +145,15 @@ destroy:  ## Tear the deployment down (the VPC subnet may need a second run 1-2 
 fmt: $(DEV_STAMP)  ## Format the code with ruff.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The documentation site (mkdocs.yml, docs/), built strictly as CI does: a broken link or a
+# generated table that no longer matches the code fails it. The site goes to build/ (git-ignored).
+.PHONY: docs docs-tables
+docs: $(DEV_STAMP)  ## Build the documentation site (docs/, mkdocs --strict) into build/site.
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+docs-tables: $(RUNTIME_STAMP)  ## Rewrite the settings and error tables in docs/ from the code.
+	$(PY) docs/hooks.py --write
 
 clean:  ## Remove the virtualenv and prepared models (the machine's cache, ~/.cache/aifn, stays).
 	rm -rf $(VENV) $(MODELS) .cache .pytest_cache .mypy_cache .ruff_cache
