@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
-import functions_framework
 import pytest
 
 from aifn.batch import FINALIZED
 
-from .helpers import REPO
+from .helpers import CLASSIFY_MODEL, function_app
 
 pytestmark = pytest.mark.integration
 
-CLASSIFY_MODEL = Path(os.environ.get("AIFN_TEST_CLASSIFY_MODEL", REPO / "models" / "classify"))
 BUCKET = "aifn-batch-classify"
 TICKETS = ["billing", "bug report", "feature request"]
 DEFAULT_LABELS = ["sport", "politics", "technology"]
@@ -49,30 +45,18 @@ def bucket(storage_emulator: str) -> Any:
 
 @pytest.fixture(scope="module")
 def app(storage_emulator: str) -> tuple[Any, Any]:
-    if not (CLASSIFY_MODEL / "config.json").is_file():
-        pytest.fail(f"{CLASSIFY_MODEL} is not prepared: run `make model` (make test does)")
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "MODEL_DIR": str(CLASSIFY_MODEL),
-            "STORAGE_EMULATOR_HOST": storage_emulator,
-            # Labels for files that name none (Terraform could set this per deployment).
-            "BATCH_OPTIONS": json.dumps({"labels": DEFAULT_LABELS}),
-            "BATCH_OUTPUT_PREFIX": "results/",
-        }
+    client, module = function_app(
+        "classify",
+        CLASSIFY_MODEL,
+        target="classify_batch",
+        signature_type="cloudevent",
+        STORAGE_EMULATOR_HOST=storage_emulator,
+        # Labels for files that name none (Terraform could set this per deployment).
+        BATCH_OPTIONS=json.dumps({"labels": DEFAULT_LABELS}),
+        BATCH_OUTPUT_PREFIX="results/",
     )
-    try:
-        flask_app = functions_framework.create_app(
-            target="classify_batch",
-            source=str(REPO / "functions" / "classify" / "main.py"),
-            signature_type="cloudevent",
-        )
-        module = sys.modules["main"]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     assert module.zero_shot is not None, "the packaged classify model should be an encoder"
-    return flask_app.test_client(), module
+    return client, module
 
 
 def upload(bucket: Any, name: str, content: str) -> Any:

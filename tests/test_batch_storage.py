@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import pytest
 
 from aifn import batch, batch_engine
@@ -29,11 +28,10 @@ from aifn.batch_io import Location
 from aifn.cache import PredictionCache
 from aifn.errors import Overloaded
 
-from .helpers import REPO
+from .helpers import function_app
 
 pytestmark = pytest.mark.integration
 
-SOURCE = REPO / "functions" / "sentiment" / "main.py"
 BUCKET = "aifn-batch-test"
 
 
@@ -54,23 +52,14 @@ def bucket(storage_emulator: str) -> Any:
 @pytest.fixture(scope="module")
 def app(sentiment_model_dir: Path, storage_emulator: str) -> tuple[Any, Any]:
     """(test client of the sentiment_batch CloudEvent app, its main module)."""
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "MODEL_DIR": str(sentiment_model_dir),
-            "STORAGE_EMULATOR_HOST": storage_emulator,
-            "BATCH_CHUNK_SIZE": "64",
-        }
+    return function_app(
+        "sentiment",
+        sentiment_model_dir,
+        target="sentiment_batch",
+        signature_type="cloudevent",
+        STORAGE_EMULATOR_HOST=storage_emulator,
+        BATCH_CHUNK_SIZE="64",
     )
-    try:
-        flask_app = functions_framework.create_app(
-            target="sentiment_batch", source=str(SOURCE), signature_type="cloudevent"
-        )
-        module = sys.modules["main"]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return flask_app.test_client(), module
 
 
 @pytest.fixture

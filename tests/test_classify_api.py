@@ -6,22 +6,18 @@ same path ``functions-framework --target classify`` takes.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from .helpers import REPO, served_revision
+from .helpers import CLASSIFY_MODEL, function_app, served_revision
 
 pytestmark = pytest.mark.integration
 
 ENDPOINT = "/v1/classify"
-CLASSIFY_MODEL = Path(os.environ.get("AIFN_TEST_CLASSIFY_MODEL", REPO / "models" / "classify"))
 MAX_LABELS = 5
 TICKETS = ["billing", "bug report", "feature request"]
 CLEAR = [
@@ -57,26 +53,23 @@ def app_and_zero_shot(classify_model_dir: Path) -> tuple[Any, Any]:
 
 
 def _app_and_zero_shot(classify_model_dir: Path, **env: str) -> tuple[Any, Any]:
-    saved = dict(os.environ)
-    os.environ["MODEL_DIR"] = str(classify_model_dir)
-    os.environ["MAX_BATCH_TEXTS"] = "16"
-    os.environ["MAX_BODY_BYTES"] = "65536"
-    os.environ["MAX_LABELS"] = str(MAX_LABELS)
-    # The label cache is observed on its own: no prediction cache in front of it (the
-    # prediction cache has its own tests).
-    os.environ["CACHE_MAX_ENTRIES"] = "0"
-    os.environ.update(env)
-    try:
-        app = functions_framework.create_app(
-            target="classify", source=str(REPO / "functions" / "classify" / "main.py")
-        )
-        # The module functions-framework just loaded; later apps may replace sys.modules["main"].
-        zero_shot = sys.modules["main"].zero_shot
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    client, main = function_app(
+        "classify",
+        classify_model_dir,
+        **{
+            "MAX_BATCH_TEXTS": "16",
+            "MAX_BODY_BYTES": "65536",
+            "MAX_LABELS": str(MAX_LABELS),
+            # The label cache is observed on its own: no prediction cache in front of it (the
+            # prediction cache has its own tests).
+            "CACHE_MAX_ENTRIES": "0",
+            **env,
+        },
+    )
+    # The module functions-framework just loaded; later apps may replace sys.modules["main"].
+    zero_shot = main.zero_shot
     assert zero_shot is not None, "the packaged classify model should be an encoder"
-    return app.test_client(), zero_shot
+    return client, zero_shot
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
+from .helpers import CLASSIFY_MODEL, SENTIMENT_MODEL, function_app
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +32,7 @@ KEY = "hostile-test-key-0123456789"
 
 
 def _app(function: str, model: Path, **env: str) -> Any:
-    if not (model / "config.json").is_file():
-        pytest.fail(f"{model} is not prepared: run `make model` (make test does)")
-    saved = dict(os.environ)
-    os.environ.update({"MODEL_DIR": str(model), "MAX_BODY_BYTES": "65536", **env})
-    try:
-        app = functions_framework.create_app(
-            target=function, source=str(REPO / "functions" / function / "main.py")
-        )
-        module = sys.modules["main"]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return app.test_client(), module
+    return function_app(function, model, **{"MAX_BODY_BYTES": "65536", **env})
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,14 @@ same path ``functions-framework --target sentiment`` takes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from .helpers import REPO, served_revision
+from .helpers import function_app, served_revision
 
 pytestmark = pytest.mark.integration
 
@@ -41,18 +39,9 @@ CLEAR = {
 
 @pytest.fixture(scope="module")
 def client(sentiment_model_dir: Path) -> Any:
-    saved = dict(os.environ)
-    os.environ["MODEL_DIR"] = str(sentiment_model_dir)
-    os.environ["MAX_BATCH_TEXTS"] = "16"
-    os.environ["MAX_BODY_BYTES"] = "65536"
-    try:
-        app = functions_framework.create_app(
-            target="sentiment", source=str(REPO / "functions" / "sentiment" / "main.py")
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return app.test_client()
+    return function_app(
+        "sentiment", sentiment_model_dir, MAX_BATCH_TEXTS="16", MAX_BODY_BYTES="65536"
+    )[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import pytest
 
 from aifn import train
 from aifn.model import BUILD_INFO, FLOAT32_GRAPH, model_kind
 from aifn.training import TRAINING_RECORD
 
-from .helpers import REPO
+from .helpers import REPO, function_app
 
 CLASSIFY = REPO / "functions" / "classify"
 BBC_MODEL = REPO / "models" / "classify-bbc"
@@ -61,14 +60,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory, small_file: Path) -> P
 
 @pytest.fixture(scope="module")
 def client(small_model: Path) -> Any:
-    saved = dict(os.environ)
-    os.environ["MODEL_DIR"] = str(small_model)
-    try:
-        app = functions_framework.create_app(target="classify", source=str(CLASSIFY / "main.py"))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return app.test_client()
+    return function_app("classify", small_model)[0]
 
 
 def test_training_writes_a_classifier_with_a_model_card(small_model: Path) -> None:

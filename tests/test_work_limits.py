@@ -6,19 +6,17 @@ limits so a test request can reach them.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import functions_framework
 import numpy as np
 import pytest
 
 from aifn.cache import caller_scope
 from aifn.model import TextEncoder
 
-from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL
+from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL, function_app
 
 sys.path.insert(0, str(REPO / "functions" / "classify"))
 import zero_shot
@@ -30,19 +28,7 @@ CLASSIFY = "/v1/classify"
 
 
 def _app(function: str, model: Path, **env: str) -> tuple[Any, Any]:
-    if not (model / "config.json").is_file():
-        pytest.fail(f"{model} is not prepared: run `make model` (make test does)")
-    saved = dict(os.environ)
-    os.environ.update({"MODEL_DIR": str(model), "CACHE_MAX_ENTRIES": "0", **env})
-    try:
-        app = functions_framework.create_app(
-            target=function, source=str(REPO / "functions" / function / "main.py")
-        )
-        module = sys.modules["main"]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return app.test_client(), module
+    return function_app(function, model, **{"CACHE_MAX_ENTRIES": "0", **env})
 
 
 @pytest.fixture(scope="module")
