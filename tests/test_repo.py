@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,26 @@ def test_terraform_is_formatted() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def borrowed_test_modules(tests: Path) -> list[str]:
+    """Each import, anywhere under ``tests``, that names a test module (``test_*``)."""
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(part.startswith("test_") for name in names for part in name.split(".")):
+                found.append(f"{path.relative_to(tests)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    # What tests share lives in tests/helpers (or a conftest fixture): a helper borrowed from a
+    # test module ties that module's tests to every borrower and hides where it lives.
+    assert borrowed_test_modules(REPO / "tests") == []
