@@ -1,4 +1,4 @@
-# One image per function, with its model baked in (README, "Containers"):
+# One image per function, with its model baked in (docs/containers.md):
 #
 #   make model   # prepares models/<function> (the default model source below)
 #   DOCKER_BUILDKIT=1 docker build --build-arg FUNCTION=sentiment -t aifn-sentiment .
@@ -6,7 +6,7 @@
 #
 # Build arguments:
 #   FUNCTION      sentiment | classify (required): what the image serves, and its model.
-#   MODEL_SOURCE  the model-source step's spec (README, "Model sources"), default
+#   MODEL_SOURCE  the model-source step's spec (docs/models.md, "Model sources"), default
 #                 models/<FUNCTION> from the build context (prepared by `make model`); or
 #                 recipe:functions/<FUNCTION>/recipe.py to train inside the build, gs://bucket/prefix,
 #                 hf://org/name@<commit sha>, or another directory in the context.

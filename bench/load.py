@@ -248,7 +248,7 @@ def table(servers: list[Server]) -> str:
 def verdicts(
     us: Server, base: Server, model_limit: float | None = None
 ) -> list[tuple[str, float, float, bool]]:
-    """(check, measured ratio, target, passed) for each figure the README reports."""
+    """(check, measured ratio, target, passed) for each figure docs/performance.md reports."""
 
     def at(server: Server, connections: int) -> dict[str, Any] | None:
         return next(

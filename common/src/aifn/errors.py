@@ -153,7 +153,7 @@ ERROR_TYPES: tuple[type[ApiError], ...] = (
 
 
 def errors_table() -> str:
-    """The README's error table, as Markdown."""
+    """The error table of docs/api.md, as Markdown."""
     lines = ["| `type` | Status | When |", "|---|---|---|"]
     lines += [f"| `{e.type}` | {e.status} | {e.description} |" for e in ERROR_TYPES]
     return "\n".join(lines)

@@ -64,7 +64,7 @@ class Metrics:
         )
         self.rejections = Counter(
             "aifn_rejections",
-            "Requests answered with an error, by the error's type (see the README's error table).",
+            "Requests answered with an error, by the error's type (the error table: docs/api.md).",
             ["reason"],
             registry=self.registry,
         )

@@ -1,7 +1,8 @@
 """One frozen settings object, read from the environment once at startup.
 
-Every knob is declared once, here, with its variable name, default and purpose; the README's
-configuration table is checked against :data:`SETTINGS` by the test suite so the two cannot drift.
+Every knob is declared once, here, with its variable name, default and purpose; the
+configuration table in docs/configuration.md is generated from :data:`SETTINGS`
+(docs/hooks.py), so the two cannot drift.
 Cloud Run's own variables (``PORT``, ``K_SERVICE``, ``K_REVISION``) are read where they are used,
 never renamed.
 """
@@ -167,7 +168,7 @@ def setting(
     shown_default: str | None = None,
     secret: bool = False,
 ) -> Any:
-    """Declare a settings field: its variable, its README text, its default and its parser.
+    """Declare a settings field: its variable, its docs text, its default and its parser.
 
     ``parse`` turns the variable's raw text into the value, raising ``ValueError`` with a short
     reason when it cannot.
@@ -225,7 +226,7 @@ class Settings:
         "tokenizer time than a text of this length. Cut, not refused: the API already reads only "
         "a long text's start (`MAX_TOKENS`), and the default lies far past where prose reaches "
         "`MAX_TOKENS` tokens (~5 characters a token), so the cut never changes such a text's "
-        "result. See README, Limits.",
+        "result. See docs/api.md, Limits.",
         shown_default="8 x `MAX_TOKENS` (2048)",
         parse=positive_int,
     )
@@ -235,7 +236,7 @@ class Settings:
         "most `MAX_TOKENS`) plus, for zero-shot classify, its label prompts not in the label "
         "cache. A request over it gets 422 `too_many_tokens` before any model work. Like TEI's "
         "`max_batch_tokens`: it bounds how long one request can hold the instance (the default, "
-        "TEI's, is 64 full-length texts; see README, Limits, for its measured time).",
+        "TEI's, is 64 full-length texts; see docs/api.md, Limits, for its measured time).",
         16_384,
         parse=int_at_least(8, "tokens"),
     )
@@ -275,7 +276,7 @@ class Settings:
         "MODEL_WORKERS",
         "Threads running the model, each on its own text at a time. One per vCPU: on 2 vCPUs two "
         "workers with one intra-op thread each served more requests/s than one worker with two "
-        "(see README, Performance).",
+        "(see docs/performance.md).",
         shown_default="the CPUs this process may use (affinity, capped by the cgroup quota)",
         parse=positive_int,
     )
@@ -325,9 +326,9 @@ class Settings:
     metrics: bool = setting(
         "METRICS",
         "Serve Prometheus metrics at `GET /metrics` (requests, latency, batches, queue, cache, "
-        "rejections; see README, Metrics). Like health, it needs no API key and is not rate "
-        "limited: Cloud Run IAM and ingress protect it. `false`: no endpoint (404), nothing "
-        "counted.",
+        "rejections; see docs/observability.md, Metrics). Like health, it needs no API key and is "
+        "not rate limited: Cloud Run IAM and ingress protect it. `false`: no endpoint (404), "
+        "nothing counted.",
         True,
         parse=parse_bool,
     )
@@ -404,14 +405,14 @@ class Settings:
         "RATE_LIMIT",
         "Units of work each client may ask of the prediction endpoints, e.g. `60/minute`, "
         "`5/second`, `10/30s`; a unit is a forward pass: a text, or on zero-shot classify a "
-        "label prompt not in the label cache (see README, Security). A token bucket: a "
+        "label prompt not in the label cache (see docs/security.md). A token bucket: a "
         "client may spend that many at once, then at that rate; past it, 429 `rate_limited` "
         "with `Retry-After`, for one unit before the body is read and for the rest once it is. "
         "A request bigger than the whole budget runs only on a full bucket and leaves it in "
         "debt. Wrong or missing API keys are charged to the client's address. "
         "Shared by every instance through Redis when Redis is set, else (and while Redis is "
         "down) per instance. Health, `/metrics` and `/openapi.json` are never limited. See "
-        "README, Security.",
+        "docs/security.md.",
         shown_default="unset (no limit)",
         parse=parse_rate,
     )
@@ -519,7 +520,7 @@ def read_env(
 
 
 def documented_settings(cls: type[Any] | None = None) -> list[tuple[str, str, str]]:
-    """(variable, default as shown in the README, description) for every setting, in order."""
+    """(variable, default as shown in the docs, description) for every setting, in order."""
     rows = []
     for f in fields(cls or Settings):
         shown = f.metadata["shown_default"]
@@ -530,7 +531,7 @@ def documented_settings(cls: type[Any] | None = None) -> list[tuple[str, str, st
 
 
 def settings_table(cls: type[Any] | None = None) -> str:
-    """A README configuration table (of :class:`Settings` by default), as Markdown."""
+    """A table of docs/configuration.md (of :class:`Settings` by default), as Markdown."""
     lines = ["| Variable | Default | What it does |", "|---|---|---|"]
     lines += [f"| `{var}` | {default} | {doc} |" for var, default, doc in documented_settings(cls)]
     return "\n".join(lines)
