@@ -8,7 +8,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import functions_framework
 import pytest
 
 from .paths import REPO
@@ -30,6 +29,9 @@ def function_app(
     is returned as loaded: a later app may replace ``sys.modules["main"]``. A model directory
     without ``config.json`` fails the test, never skips it.
     """
+    # Imported here: make infra-check loads this package (via conftest) without functions-framework.
+    import functions_framework
+
     if not (model_dir / "config.json").is_file():
         pytest.fail(f"{model_dir} is not prepared: run `make model` (make test does)")
     saved = dict(os.environ)

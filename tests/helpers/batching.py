@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
 
-from aifn.batching import DynamicBatcher
-from aifn.errors import DeadlineExceeded
+# aifn is imported where it is used: make infra-check runs tests/test_infra.py in a venv
+# without it, and this package is imported by tests/conftest.py.
+if TYPE_CHECKING:
+    from aifn.batching import DynamicBatcher
 
 
 class Recorder:
@@ -31,6 +34,8 @@ def hold(model: Recorder, b: DynamicBatcher[str]) -> threading.Thread:
     """Make the worker busy with one request until ``model.gate`` is set."""
     model.gate.clear()
     model.entered.clear()
+
+    from aifn.errors import DeadlineExceeded
 
     def run() -> None:
         # A short-deadline test may time the holder out too.
