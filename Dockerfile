@@ -53,6 +53,8 @@ FROM deps AS venv
 RUN /opt/venv/bin/pip uninstall --quiet --yes pip setuptools
 
 # The shared package `aifn` (common/), installed into /opt/aifn (on the venv's path via aifn.pth).
+# /opt/aifn-serve is what serving imports: the package without aifn.build (model sources,
+# export, fine-tuning), which only the model stage runs.
 FROM deps AS common
 COPY common/ /src/common/
 RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
@@ -61,7 +63,15 @@ RUN --mount=type=bind,from=wheelhouse,source=/wheelhouse,target=/wheelhouse \
     else \
       export PIP_INDEX_URL="$PIP_INDEX"; \
     fi; \
-    /opt/venv/bin/pip install --quiet --no-deps --target /opt/aifn /src/common
+    /opt/venv/bin/pip install --quiet --no-deps --target /opt/aifn /src/common \
+    && cp -a /opt/aifn /opt/aifn-serve && rm -r /opt/aifn-serve/aifn/build
+
+# The function's serving code: its folder without the build-time recipe (and the data loader
+# only the recipe uses).
+FROM deps AS function
+ARG FUNCTION
+COPY functions/${FUNCTION}/ /function/
+RUN rm -f /function/recipe.py /function/bbc.py
 
 # The model-source step. Its result is kept in a cache mount keyed by the source, so a rerun
 # (any change in the context reruns it) finds the fingerprint unchanged and copies the same
@@ -94,7 +104,7 @@ RUN --mount=type=bind,target=/src \
     test -n "${FUNCTION}" || { echo "--build-arg FUNCTION=sentiment|classify is required" >&2; exit 2; }; \
     dest="/cache/${FUNCTION}-$(printf '%s' "$MODEL_SOURCE" | sha256sum | cut -c1-16)"; \
     AIFN_MODEL_CACHE=/cache/prepared \
-    /opt/venv/bin/python -m aifn.model_source --source "$MODEL_SOURCE" --dest "$dest" \
+    /opt/venv/bin/python -m aifn.build.model_source --source "$MODEL_SOURCE" --dest "$dest" \
       --serving-copy /model; \
     chmod -R a+rX,go-w /model
 
@@ -106,8 +116,8 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonex
 WORKDIR /app
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=model /model /app/models/${FUNCTION}
-COPY --from=common /opt/aifn /opt/aifn
-COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/
+COPY --from=common /opt/aifn-serve /opt/aifn
+COPY --from=function /function/ /app/functions/${FUNCTION}/
 # functions-framework takes its target, source and signature type from these (FUNCTION_TARGET
 # picks another target in the same file, e.g. a batch entry point), and PORT from Cloud Run.
 # One gunicorn worker: one model copy per instance. THREADS and MODEL_WORKERS are left unset on

@@ -33,7 +33,7 @@ INPUT ?=
 OUTPUT ?=
 BATCH_ARGS ?=
 
-# The machine's cache, shared by every clone: prepared models by fingerprint (aifn.model_cache),
+# The machine's cache, shared by every clone: prepared models by fingerprint (aifn.build.model_cache),
 # downloads, the container test's Docker data root, infra-check's tools, mypy's cache.
 AIFN_CACHE := $(or $(AIFN_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/aifn)
 
@@ -67,20 +67,20 @@ venv: $(RUNTIME_STAMP)  ## Create .venv with the runtime (serving) and build (tr
 dev: $(DEV_STAMP)  ## Add the test and lint tools.
 
 model: $(RUNTIME_STAMP)  ## Prepare models/sentiment and models/classify (cached until their inputs change).
-	HF_HUB_OFFLINE=1 $(PY) -m aifn.model_source \
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.build.model_source \
 		--source "$(SENTIMENT_MODEL_SOURCE)" --dest $(MODELS)/sentiment
-	HF_HUB_OFFLINE=1 $(PY) -m aifn.model_source \
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.build.model_source \
 		--source "$(CLASSIFY_MODEL_SOURCE)" --dest $(MODELS)/classify
 
 train: $(RUNTIME_STAMP)  ## Fine-tune a classifier: make train DATA=tickets.jsonl [EVAL_DATA=..] [DEST=..]
 	@test -n "$(DATA)" || { echo "usage: make train DATA=file.jsonl|file.csv|gs://.. [EVAL_DATA=..] [DEST=$(DEST)]"; exit 2; }
-	HF_HUB_OFFLINE=1 $(PY) -m aifn.train --data "$(DATA)" --dest "$(DEST)" \
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.build.train --data "$(DATA)" --dest "$(DEST)" \
 		$(if $(EVAL_DATA),--eval-data "$(EVAL_DATA)") $(TRAIN_ARGS)
 
 batch: model  ## Predictions for a file: make batch FUNCTION=sentiment|classify INPUT=file.jsonl|.csv|gs://.. [OUTPUT=..]
 	@test -n "$(INPUT)" || { echo "usage: make batch FUNCTION=sentiment|classify INPUT=file.jsonl|file.csv|gs://.. [OUTPUT=..] [BATCH_ARGS='--options {\"labels\": [..]}']"; exit 2; }
 	MODEL_DIR=$(if $(filter classify,$(FUNCTION)),$(CLASSIFY_MODEL_DIR),$(SENTIMENT_MODEL_DIR)) \
-	HF_HUB_OFFLINE=1 $(PY) -m aifn.batch --function "$(FUNCTION)" "$(INPUT)" \
+	HF_HUB_OFFLINE=1 $(PY) -m aifn.files --function "$(FUNCTION)" "$(INPUT)" \
 		$(if $(OUTPUT),--output "$(OUTPUT)") $(BATCH_ARGS)
 
 # Both functions, each in its own functions-framework (gunicorn) process, as on Cloud Run; Ctrl-C

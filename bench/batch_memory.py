@@ -63,17 +63,11 @@ def rss_kib() -> int:
 
 def child(path: str) -> None:
     """Process one file with a stand-in model; print a JSON line of what it took."""
-    from aifn import batch
-    from aifn.batch import BatchSettings, Capability
-    from aifn.batch_io import Location
-    from aifn.model import ModelIdentity, Prediction
+    from aifn.core.model import ModelIdentity, Prediction
+    from aifn.files import processor as batch
+    from aifn.files.processor import BatchSettings, Capability
+    from aifn.files.storage import Location
     from aifn.settings import read_env
-
-    class Service:
-        function = "bench"
-
-        class model:
-            identity = ModelIdentity("stand-in", "sha256:0")
 
     def predict(texts: list[str], options: Any) -> list[Prediction]:
         out = []
@@ -83,7 +77,7 @@ def child(path: str) -> None:
         return out
 
     processor = batch.Processor(
-        Capability(name="bench", service=Service(), predict=predict),  # type: ignore[arg-type]
+        Capability(name="bench", model=ModelIdentity("stand-in", "sha256:0"), predict=predict),
         read_env(BatchSettings),
     )
     pred = Location(None, path + ".predictions.jsonl")

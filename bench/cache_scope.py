@@ -1,8 +1,9 @@
 """What per-caller cache scope (``CACHE_SCOPE=caller``) costs in hit ratio, against ``shared``.
 
-Runs the real :class:`aifn.cache.PredictionCache` (keys, scopes, an in-process LRU backend) on a
-synthetic traffic mix, with a stand-in for the model (hit ratio does not depend on it), so the
-figure is exact for the mix and takes seconds. The mix, per request of one text:
+Runs the real :class:`aifn.core.cache.PredictionCache` (keys, scopes, an in-process LRU
+backend) on a synthetic traffic mix, with a stand-in for the model (hit ratio does not
+depend on it), so the figure is exact for the mix and takes seconds. The mix, per request
+of one text:
 
 * callers send unequal volumes: caller ``i`` (of ``--callers``) is picked with weight
   ``1 / (i + 1)`` (Zipf, s = 1): a few large tenants and a long tail;
@@ -32,8 +33,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from aifn.cache import MemoryBackend, PredictionCache, caller_scope
-from aifn.model import Scores
+from aifn.core.cache import MemoryBackend, PredictionCache, caller_scope
+from aifn.core.model import Scores
 
 UNBOUNDED = 10**9
 IN_PROCESS = 20_000  # CACHE_MAX_ENTRIES' default

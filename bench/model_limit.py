@@ -22,7 +22,7 @@ from pathlib import Path
 from benchlib import REPO
 from loadgen import SAMPLES
 
-from aifn.model import TextClassifier
+from aifn.core.model import TextClassifier
 from aifn.settings import cpu_count
 
 

@@ -32,7 +32,7 @@ import onnxruntime
 from benchlib import REPO
 from loadgen import SAMPLES
 
-from aifn.model import (
+from aifn.core.model import (
     ModelIdentity,
     TextClassifier,
     Tokenizer,

@@ -66,14 +66,14 @@ def _classify_settings() -> str:
 
 
 def _batch_settings() -> str:
-    from aifn.batch import BatchSettings
+    from aifn.files.processor import BatchSettings
     from aifn.settings import settings_table
 
     return settings_table(BatchSettings)
 
 
 def _errors() -> str:
-    from aifn.errors import errors_table
+    from aifn.http.errors import errors_table
 
     return errors_table()
 

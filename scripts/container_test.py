@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from aifn.model_cache import cache_home
+from aifn.build.model_cache import cache_home
 
 REPO = Path(__file__).resolve().parents[1]
 # The machine's cache (shared by every clone: the Docker engine's data root, which holds the base
@@ -434,7 +434,7 @@ def container(engine: Engine, function: str, *extra: str) -> Iterator[tuple[str,
 
 
 def check_running(engine: Engine, function: str, name: str, port: int) -> dict[str, Any]:
-    from aifn.model import BUILD_INFO, content_hash, served_graph
+    from aifn.core.model import BUILD_INFO, content_hash, served_graph
 
     model_dir = REPO / "models" / function
     status, health = http(f"http://127.0.0.1:{port}/v1/health")
@@ -462,7 +462,7 @@ def check_running(engine: Engine, function: str, name: str, port: int) -> dict[s
     heavy = engine.docker(
         "exec", name, "python", "-c",
         "import importlib.util as u; print(' '.join(m for m in ('torch', 'transformers', "
-        "'onnx', 'safetensors') if u.find_spec(m)) or 'none')",
+        "'onnx', 'safetensors', 'aifn.build', 'recipe') if u.find_spec(m)) or 'none')",
     ).stdout.strip()  # fmt: skip
     if heavy != "none":
         raise Failed(f"{function}: the runtime image has build-time libraries: {heavy}")

@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 
-from aifn.auth import ApiKeys, Guard, client_address, iam_caller, key_id
-from aifn.errors import ConfigError, RateLimited, Unauthorized
-from aifn.ratelimit import Rate, RateLimiter
-from aifn.settings import Settings
+from aifn.core.errors import ConfigError
+from aifn.http.auth import ApiKeys, Guard, client_address, iam_caller, key_id
+from aifn.http.errors import RateLimited, Unauthorized, status
+from aifn.http.ratelimit import RateLimiter
+from aifn.settings import Rate, Settings
 
 from .helpers import RedisServer, Server, start_server
 
@@ -212,7 +213,7 @@ def test_wrong_keys_are_rate_limited_per_address_without_touching_a_keys_budget(
         try:
             guard.check(request(headers))
         except (Unauthorized, RateLimited) as exc:
-            outcomes.append((exc.status, exc.headers.get("RateLimit-Remaining")))
+            outcomes.append((status(exc), exc.headers.get("RateLimit-Remaining")))
     # Missing and wrong keys alike: 401 while the address has budget, then 429.
     assert outcomes == [(401, "1"), (401, "0"), (429, "0"), (429, "0")]
     # The key's own budget, from the same address, is untouched; another address is too.
@@ -234,7 +235,7 @@ def test_key_guesses_share_one_budget_across_instances_in_redis(redis_server: Re
         try:
             guard.check(request(guesser))
         except (Unauthorized, RateLimited) as exc:
-            outcomes.append(exc.status)
+            outcomes.append(status(exc))
     assert outcomes == [401, 401, 401, 429]
     assert b.limiter is not None
     assert b.limiter.describe()["fallback"] == 0  # decided in Redis, not per instance

@@ -1,4 +1,4 @@
-"""Unit tests: the batch engine (aifn.batch) with a stand-in model, on local files.
+"""Unit tests: the batch engine (aifn.files.processor) with a stand-in model, on local files.
 
 What a user of a batch file would notice: every record is either predicted or reported with its
 line number, ids come through, the output keeps the input's order, a sharded run merges to the
@@ -17,23 +17,18 @@ from typing import Any
 
 import pytest
 
-from aifn import batch, batch_engine, batch_io
-from aifn.batch import BatchSettings, Capability, Shard
-from aifn.batch_io import Location
-from aifn.errors import ConfigError, InvalidRequest, Overloaded
-from aifn.model import ModelIdentity, Prediction
+from aifn.core.errors import ConfigError, InvalidRequest, Overloaded
+from aifn.core.model import ModelIdentity, Prediction
+from aifn.files import engine as batch_engine
+from aifn.files import processor as batch
+from aifn.files import storage as batch_io
+from aifn.files.processor import BatchSettings, Capability, Shard
+from aifn.files.storage import Location
 from aifn.settings import read_env, settings_table
 
 from .helpers import REPO
 
-
-class FakeService:
-    """What the engine reads from a Service: the function's name and the model's identity."""
-
-    function = "fake"
-
-    class model:
-        identity = ModelIdentity("fake-model", "sha256:0")
+FAKE_MODEL = ModelIdentity("fake-model", "sha256:0")
 
 
 def fake_predict(texts: list[str], options: Any) -> list[Prediction]:
@@ -59,7 +54,7 @@ def parse_labels(fields: Mapping[str, Any]) -> Hashable:
 
 
 def capability(**kwargs: Any) -> Capability:
-    return Capability(name="fake", service=FakeService(), predict=fake_predict, **kwargs)  # type: ignore[arg-type]
+    return Capability(name="fake", model=FAKE_MODEL, predict=fake_predict, **kwargs)
 
 
 def run(
@@ -259,7 +254,7 @@ def test_overload_is_waited_out(tmp_path: Path) -> None:
             raise Overloaded("busy")
         return fake_predict(texts, options)
 
-    cap = Capability(name="fake", service=FakeService(), predict=busy_then_fine)  # type: ignore[arg-type]
+    cap = Capability(name="fake", model=FAKE_MODEL, predict=busy_then_fine)
     predictions, errors, _ = run(tmp_path, '{"text": "a"}\n', cap=cap)
     assert len(predictions) == 1
     assert errors == []
@@ -273,7 +268,7 @@ def test_model_failures_are_raised_not_reported(tmp_path: Path) -> None:
     def broken(texts: list[str], options: Any) -> list[Prediction]:
         raise RuntimeError("model exploded")
 
-    cap = Capability(name="fake", service=FakeService(), predict=broken)  # type: ignore[arg-type]
+    cap = Capability(name="fake", model=FAKE_MODEL, predict=broken)
     with pytest.raises(RuntimeError, match="exploded"):
         run(tmp_path, '{"text": "a"}\n', cap=cap)
     assert not (tmp_path / "out" / "in.predictions.jsonl").exists()

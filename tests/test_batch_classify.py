@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aifn.batch import FINALIZED
+from aifn.files.processor import FINALIZED
 
 from .helpers import CLASSIFY_MODEL, function_app
 

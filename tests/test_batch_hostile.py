@@ -19,19 +19,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aifn import batch
-from aifn.batch import BatchSettings, Capability
-from aifn.batch_io import Location
-from aifn.errors import InvalidRequest
-from aifn.model import ModelIdentity, Prediction
+from aifn.core.errors import InvalidRequest
+from aifn.core.model import ModelIdentity, Prediction
+from aifn.files import processor as batch
+from aifn.files.processor import BatchSettings, Capability
+from aifn.files.storage import Location
 from aifn.settings import read_env
-
-
-class _Service:
-    function = "hostile"
-
-    class model:
-        identity = ModelIdentity("stand-in", "sha256:0")
 
 
 def _predict(texts: list[str], options: Any) -> list[Prediction]:
@@ -60,7 +53,7 @@ def _parse_labels(fields: Mapping[str, Any]) -> Hashable:
 
 CAPABILITY = Capability(
     name="hostile",
-    service=_Service(),  # type: ignore[arg-type]
+    model=ModelIdentity("stand-in", "sha256:0"),
     predict=_predict,
     option_fields=frozenset({"labels"}),
     parse_options=_parse_labels,

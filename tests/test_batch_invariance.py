@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aifn.model import TextClassifier, TextEncoder
+from aifn.core.model import TextClassifier, TextEncoder
 
 from .helpers import CLASSIFY_MODEL, Server, start_server
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from aifn import batch, batch_engine
-from aifn.batch import FINALIZED, Shard
-from aifn.batch_io import Location
-from aifn.cache import PredictionCache
-from aifn.errors import Overloaded
+from aifn.core.cache import PredictionCache
+from aifn.core.errors import Overloaded
+from aifn.files import engine as batch_engine
+from aifn.files import processor as batch
+from aifn.files.processor import FINALIZED, Shard
+from aifn.files.storage import Location
 
 from .helpers import function_app
 
@@ -206,7 +207,7 @@ def test_redelivered_event_changes_nothing(
     generation = first.generation  # read before downloading: the emulator's download clears it
     errors_generation = bucket.get_blob(f"predictions/{folder}/again.jsonl.errors.jsonl").generation
     content = first.download_as_bytes()
-    misses = main.service.cache.stats.misses
+    misses = main.predictor.cache.stats.misses
 
     deliver(client, blob, event_id="evt-1")  # the same event, delivered again
     deliver(client, blob, event_id="evt-2")  # a duplicate with another id
@@ -217,7 +218,7 @@ def test_redelivered_event_changes_nothing(
     assert len(content.splitlines()) == 3, "one line per good input line, no duplicates"
     errors_again = bucket.get_blob(f"predictions/{folder}/again.jsonl.errors.jsonl")
     assert errors_again.generation == errors_generation
-    assert main.service.cache.stats.misses == misses, "the model ran again"
+    assert main.predictor.cache.stats.misses == misses, "the model ran again"
     assert names(bucket, f"predictions/{folder}/") == [
         f"predictions/{folder}/again.jsonl.errors.jsonl",
         out,
@@ -342,7 +343,7 @@ def test_a_file_over_the_event_budget_is_refused_and_left_to_the_job(
     )
     assert len(body) > 500
     blob = upload(bucket, f"inputs/{folder}/large.jsonl", body)
-    misses = main.service.cache.stats.misses
+    misses = main.predictor.cache.stats.misses
     deliver(client, blob)
     errors_name = f"predictions/{folder}/large.jsonl.errors.jsonl"
     [marker] = read(bucket, errors_name)
@@ -351,7 +352,7 @@ def test_a_file_over_the_event_budget_is_refused_and_left_to_the_job(
     assert "BATCH_EVENT_MAX_BYTES=500" in marker["error"]
     assert "batch job" in marker["error"]
     assert f"make batch FUNCTION=sentiment INPUT=gs://{BUCKET}/{blob.name}" in marker["error"]
-    assert main.service.cache.stats.misses == misses, "the model ran"
+    assert main.predictor.cache.stats.misses == misses, "the model ran"
     assert names(bucket, f"predictions/{folder}/") == [errors_name]
     generation = bucket.get_blob(errors_name).generation
     deliver(client, blob)  # a redelivery leaves the marker alone
@@ -443,9 +444,9 @@ def test_repeated_texts_come_from_the_shared_cache(
     texts = [f"Order {folder}-{i} arrived broken and support never answered." for i in range(20)]
     body = "".join(json.dumps({"text": t}) + "\n" for t in texts)
     deliver(client, upload(bucket, f"inputs/{folder}/one.jsonl", body))
-    hits = main.service.cache.stats.hits
+    hits = main.predictor.cache.stats.hits
     deliver(client, upload(bucket, f"inputs/{folder}/two.jsonl", body))
-    assert main.service.cache.stats.hits - hits == 20
+    assert main.predictor.cache.stats.hits - hits == 20
     one = read(bucket, f"predictions/{folder}/one.jsonl.predictions.jsonl")
     two = read(bucket, f"predictions/{folder}/two.jsonl.predictions.jsonl")
     assert one == two
@@ -522,7 +523,7 @@ def test_ten_thousand_lines(
     sample = ticket_texts(640, seed=11)
     started = time.perf_counter()
     for i in range(0, len(sample), 32):
-        main.model.scores(sample[i : i + 32])
+        main.predictor.model.scores(sample[i : i + 32])
     bare = len(sample) / (time.perf_counter() - started)
     with capsys.disabled():
         print(
@@ -549,8 +550,8 @@ def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str)
         Location(BUCKET, f"single/{folder}/backlog.jsonl"),
         Location(BUCKET, f"single/{folder}/backlog.errors.jsonl"),
     )
-    saved = main.service.cache
-    main.service.cache = PredictionCache(None, namespace="sentiment:test", ttl=60)
+    saved = main.predictor.cache
+    main.predictor.cache = PredictionCache(None, namespace="sentiment:test", ttl=60)
     try:
         files.run_object(location, None, outputs=single)
         first = files.run_object(location, None, shard=Shard(0, 2))
@@ -558,7 +559,7 @@ def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str)
         assert len(names(bucket, f"predictions/{folder}/")) == 2, "task 0 wrote its two parts"
         second = files.run_object(location, None, shard=Shard(1, 2))
     finally:
-        main.service.cache = saved
+        main.predictor.cache = saved
     assert first.records + second.records == 300
     assert first.records > 0
     assert second.records > 0
@@ -581,7 +582,7 @@ def test_two_shards_merge_to_the_single_run(main: Any, bucket: Any, folder: str)
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aifn.batch", *args],
+        [sys.executable, "-m", "aifn.files", *args],
         env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
         capture_output=True,
         text=True,

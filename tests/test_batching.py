@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from aifn.batching import DynamicBatcher
-from aifn.errors import DeadlineExceeded, Overloaded
+from aifn.core.batcher import DynamicBatcher
+from aifn.core.errors import DeadlineExceeded, Overloaded
+from aifn.http.errors import headers, status
 
 from .helpers import Recorder, hold
 
@@ -95,8 +96,8 @@ def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
         assert b.queued == 4
         with pytest.raises(Overloaded) as refused:
             b(["e", "f"])  # 4 + 2 > 5: refused while the worker is still busy, not after
-        assert refused.value.status == 429
-        assert refused.value.headers == {"Retry-After": "2"}
+        assert status(refused.value) == 429
+        assert headers(refused.value) == {"Retry-After": "2"}
         assert b.stats.refused == 1
         model.gate.set()
         assert queued.result(10) == ["A", "B", "C", "D"]
@@ -116,8 +117,8 @@ def test_a_request_past_its_deadline_gets_503_and_is_not_run() -> None:
     holder = hold(model, b)
     with pytest.raises(DeadlineExceeded) as late:
         b(["late"])
-    assert late.value.status == 503
-    assert "Retry-After" in late.value.headers
+    assert status(late.value) == 503
+    assert "Retry-After" in headers(late.value)
     model.gate.set()
     holder.join(5)
     assert b(["next"]) == ["NEXT"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from aifn import cache
-from aifn.cache import (
+from aifn.core import cache
+from aifn.core.cache import (
     BATCH_SCOPE,
     CircuitBreaker,
     MemoryBackend,
@@ -20,8 +20,8 @@ from aifn.cache import (
     RedisBackend,
     caller_scope,
 )
-from aifn.errors import ConfigError
-from aifn.model import Scores
+from aifn.core.errors import ConfigError
+from aifn.core.model import Scores
 from aifn.settings import Settings
 
 from .helpers import RedisServer, free_port

@@ -133,7 +133,7 @@ def test_batch_files_and_http_callers_never_share_entries(
         source = tmp_path / name
         source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         done = subprocess.run(
-            [sys.executable, "-m", "aifn.batch", str(source), "--function", "sentiment"],
+            [sys.executable, "-m", "aifn.files", str(source), "--function", "sentiment"],
             env=env,
             capture_output=True,
             text=True,

@@ -128,9 +128,18 @@ def test_layers_go_from_least_to_most_often_changed() -> None:
     assert copies == [
         "COPY --from=venv /opt/venv /opt/venv",
         "COPY --from=model /model /app/models/${FUNCTION}",
-        "COPY --from=common /opt/aifn /opt/aifn",
-        "COPY functions/${FUNCTION}/ /app/functions/${FUNCTION}/",
+        "COPY --from=common /opt/aifn-serve /opt/aifn",
+        "COPY --from=function /function/ /app/functions/${FUNCTION}/",
     ]
+
+
+def test_the_runtime_gets_no_build_time_code() -> None:
+    """aifn.build (model sources, export, fine-tuning) and the function's recipe stay in the
+    build: the runtime copies the package and the folder from stages that removed them."""
+    common = " ".join(dockerfile_stages()["common"])
+    assert "rm -r /opt/aifn-serve/aifn/build" in common
+    function = " ".join(dockerfile_stages()["function"])
+    assert "rm -f /function/recipe.py /function/bbc.py" in function
 
 
 def test_base_image_and_torch_index_are_pinned_build_arguments() -> None:
@@ -145,7 +154,7 @@ def test_base_image_and_torch_index_are_pinned_build_arguments() -> None:
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in model
     assert "-r /tmp/requirements/build.txt" in model
     assert "ARG MODEL_SOURCE=models/${FUNCTION}" in model
-    assert "-m aifn.model_source --source" in model
+    assert "-m aifn.build.model_source --source" in model
     # The image gets only what serving reads of the prepared model.
     assert "--serving-copy /model" in model
 

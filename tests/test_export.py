@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aifn import export, settings
-from aifn.errors import ConfigError
-from aifn.model import (
+from aifn import settings
+from aifn.build import export
+from aifn.core.errors import ConfigError
+from aifn.core.model import (
     BUILD_INFO,
     FLOAT32_GRAPH,
     TextClassifier,

@@ -281,7 +281,7 @@ def _edit_config(dest: Path, src: Path, **changes: Any) -> None:
 
 def _graph(src: Path) -> str:
     """The graph a function serves from ``src`` (QUANTIZE=auto)."""
-    from aifn.model import served_graph
+    from aifn.core.model import served_graph
 
     return served_graph(src, "auto")[0]
 

@@ -25,9 +25,9 @@ import pytest
 import schemathesis
 from schemathesis.engine import StopReason, events, from_schema
 
-from aifn.errors import InvalidRequest
-from aifn.openapi import COMPONENTS
-from aifn.validation import check_string, fold
+from aifn.core.errors import InvalidRequest
+from aifn.core.validation import check_string, fold
+from aifn.http.openapi import COMPONENTS
 
 from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL, Server, start_server
 

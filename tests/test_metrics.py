@@ -18,8 +18,8 @@ import pytest
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 
-from aifn.batching import DynamicBatcher
-from aifn.metrics import Metrics
+from aifn.core.batcher import DynamicBatcher
+from aifn.http.metrics import Metrics
 
 from .helpers import Recorder, Server, hold, served_revision, start_server
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from aifn import model_cache, model_source
-from aifn.model import BUILD_INFO, content_hash
+from aifn.build import model_cache, model_source
+from aifn.core.model import BUILD_INFO, content_hash
 
 from .helpers import CLASSIFY_MODEL, REPO
 
@@ -166,7 +166,7 @@ def test_concurrent_builds_of_one_fingerprint_build_once(recipe: Path, tmp_path:
     procs = [
         subprocess.Popen(
             [
-                *(sys.executable, "-m", "aifn.model_source"),
+                *(sys.executable, "-m", "aifn.build.model_source"),
                 *("--source", f"recipe:{recipe}", "--dest", str(tmp_path / f"clone{i}" / "m")),
             ],
             env=env,
@@ -253,13 +253,13 @@ def test_list_and_clear(recipe: Path, tmp_path: Path) -> None:
     model_source.prepare(f"recipe:{recipe}", tmp_path / "a")
     env = {**os.environ}
     listed = subprocess.run(
-        [sys.executable, "-m", "aifn.model_cache", "list"],
+        [sys.executable, "-m", "aifn.build.model_cache", "list"],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "tiny-encoder" in listed.stdout
     assert "1 models" in listed.stdout
     cleared = subprocess.run(
-        [sys.executable, "-m", "aifn.model_cache", "clear"],
+        [sys.executable, "-m", "aifn.build.model_cache", "clear"],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "emptied" in cleared.stdout

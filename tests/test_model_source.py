@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from aifn import model_source
-from aifn.errors import ConfigError
-from aifn.model import BUILD_INFO, FLOAT32_GRAPH, TextClassifier, content_hash, served_graph
+from aifn.build import model_source
+from aifn.core.errors import ConfigError
+from aifn.core.model import BUILD_INFO, FLOAT32_GRAPH, TextClassifier, content_hash, served_graph
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,9 @@ import jsonschema
 import pytest
 import redis
 
-from aifn.errors import ConfigError
-from aifn.ratelimit import (
-    Decision,
-    MemoryBuckets,
-    Rate,
-    RateLimiter,
-    from_settings,
-    parse_rate,
-)
-from aifn.settings import Settings
+from aifn.core.errors import ConfigError
+from aifn.http.ratelimit import Decision, MemoryBuckets, RateLimiter, from_settings
+from aifn.settings import Rate, Settings, parse_rate
 
 from .helpers import RedisServer, Server, free_port, start_server
 

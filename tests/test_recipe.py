@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from aifn import model_source, training
-from aifn.model import BUILD_INFO, TextClassifier
+from aifn.build import finetune, model_source
+from aifn.core.model import BUILD_INFO, TextClassifier
 
 from .helpers import REPO
 
@@ -73,7 +73,7 @@ def test_length_grouped_batches_cover_every_example_once() -> None:
     import random
 
     lengths = [random.Random(1).randint(3, 90) for _ in range(1000)]
-    batches = training._length_grouped_batches(lengths, 32, random.Random(7))
+    batches = finetune._length_grouped_batches(lengths, 32, random.Random(7))
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(1000))
     assert all(len(b) <= 32 for b in batches)
@@ -83,8 +83,8 @@ def test_length_grouped_batches_cover_every_example_once() -> None:
 
 
 def test_macro_f1() -> None:
-    assert training.macro_f1(["a", "b"], ["a", "b"], ["a", "b"]) == 1.0
-    assert training.macro_f1(
+    assert finetune.macro_f1(["a", "b"], ["a", "b"], ["a", "b"]) == 1.0
+    assert finetune.macro_f1(
         ["a", "a", "b", "b"], ["a", "a", "a", "a"], ["a", "b"]
     ) == pytest.approx((2 * 2 / (2 * 2 + 2) + 0.0) / 2)
 
@@ -116,12 +116,12 @@ def test_smoke_training_run_writes_a_standard_model_directory(tmp_path: Path) ->
 def test_smoke_training_is_deterministic(tmp_path: Path, ratings: list) -> None:
     """The recipe's training step, twice: the same bytes (what the prepared-model cache and
     `make model`'s fingerprint rest on). Its evaluation is plain inference on these weights."""
-    train = [training.Example(r.text, r.label) for r in ratings if not r.held_out]
+    train = [finetune.Example(r.text, r.label) for r in ratings if not r.held_out]
     for name in ("a", "b"):
-        model, tokenizer = training.fine_tune(
+        model, tokenizer = finetune.fine_tune(
             recipe._base_model_dir(), train, recipe.LABELS, SMOKE, description=f"smoke {name}"
         )
-        training.save_model(model, tokenizer, tmp_path / name)
+        finetune.save_model(model, tokenizer, tmp_path / name)
     for file in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
 
@@ -159,7 +159,7 @@ def test_mean_pooling_layer_makes_cls_the_normalised_mean(tmp_path: Path) -> Non
     )
     with torch.no_grad():
         states = model.base_model(**enc).last_hidden_state
-    training.append_mean_pooling_layer(model)
+    finetune.append_mean_pooling_layer(model)
     with torch.no_grad():
         cls = model.base_model(**enc).last_hidden_state[:, 0]
     mask = enc["attention_mask"].unsqueeze(-1).float()

@@ -64,3 +64,84 @@ def test_no_test_module_imports_another() -> None:
     # What tests share lives in tests/helpers (or a conftest fixture): a helper borrowed from a
     # test module ties that module's tests to every borrower and hides where it lives.
     assert borrowed_test_modules(REPO / "tests") == []
+
+
+# aifn's layers: what each may import (besides itself). core knows no transport; http and
+# files both stand on core and never on each other; build is for build time only, so nothing
+# that serves imports it (the serving image does not carry it).
+LAYERS = {
+    "core": {"core", "settings"},
+    "settings": {"core"},
+    "logs": set(),
+    "http": {"core", "settings", "logs", "http"},
+    "files": {"core", "settings", "logs", "files"},
+    "build": {"core", "settings", "logs", "build"},
+}
+AIFN = REPO / "common" / "src"
+
+
+def aifn_imports() -> dict[str, set[str]]:
+    """Each aifn module's imports of other aifn modules, wherever in the module they are
+    (functions and ``TYPE_CHECKING`` blocks included)."""
+    modules = {}
+    for path in sorted((AIFN / "aifn").rglob("*.py")):
+        name = ".".join(path.relative_to(AIFN).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    found.add(full if full in modules else node.module)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_aifn_has_no_import_cycles() -> None:
+    graph = aifn_imports()
+    assert "aifn.core.model" in graph, "the walk found nothing"
+    assert "aifn.http.service" in graph
+    done: set[str] = set()
+    cycles = []
+
+    def walk(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module] - {"aifn"}):
+            if dep in path:
+                cycles.append([*path[path.index(dep) :], dep])
+            elif dep not in done:
+                walk(dep, [*path, dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        walk(module, [module])
+    assert cycles == []
+
+
+def test_aifn_layers_import_only_the_layers_below_them() -> None:
+    def layer(module: str) -> str:
+        return module.split(".")[1]
+
+    wrong = sorted(
+        f"{module} imports {dep}"
+        for module, deps in aifn_imports().items()
+        if module != "aifn"
+        for dep in deps
+        if dep != "aifn" and layer(dep) not in LAYERS[layer(module)] | {layer(module)}
+    )
+    assert wrong == []
+
+
+def test_core_raises_errors_without_a_status_code() -> None:
+    """The core says what went wrong; only the HTTP edge decides the status code."""
+    from aifn.core import errors
+
+    kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert errors.Overloaded in kinds
+    assert [k.__name__ for k in kinds if hasattr(k, "status") or hasattr(k, "headers")] == []
+    for path in (AIFN / "aifn" / "core").glob("*.py"):
+        for transport in ("import flask", "from flask", "werkzeug", "functions_framework"):
+            assert transport not in path.read_text(), f"{path.name}: {transport}"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from aifn.errors import ERROR_TYPES, ConfigError, errors_table
-from aifn.ratelimit import Rate
-from aifn.settings import Settings, documented_settings, read_env, settings_table
+from aifn.core.errors import ConfigError
+from aifn.http.errors import ERROR_TYPES, STATUS, errors_table
+from aifn.settings import Rate, Settings, documented_settings, read_env, settings_table
 
 from .helpers import REPO
 
@@ -190,4 +190,4 @@ def test_error_types_are_unique_and_client_errors_are_4xx() -> None:
     assert len(types) == len(set(types))
     for e in ERROR_TYPES:
         assert re.fullmatch(r"[a-z_]+", e.type)
-        assert 400 <= e.status < 600
+        assert 400 <= STATUS[e] < 600

@@ -1,4 +1,4 @@
-"""Fine-tuned mode: labelled file -> `python -m aifn.train` -> classify function -> predictions.
+"""Fine-tuned mode: labelled file -> `python -m aifn.build.train` -> classify -> predictions.
 
 A small file (120 short BBC snippets, 5 topics) trains in seconds and runs the whole path end to
 end; the BBC acceptance figure (>= 0.95 on the 500 test articles) is checked on a full training
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from aifn import train
-from aifn.model import BUILD_INFO, FLOAT32_GRAPH, model_kind
-from aifn.training import TRAINING_RECORD
+from aifn.build import train
+from aifn.build.finetune import TRAINING_RECORD
+from aifn.core.model import BUILD_INFO, FLOAT32_GRAPH, model_kind
 
 from .helpers import REPO, function_app
 

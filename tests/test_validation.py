@@ -10,16 +10,16 @@ import sys
 import flask
 import pytest
 
-from aifn import errors
-from aifn.validation import (
+from aifn.core.validation import (
     _BLANK,
     TEXT_PATTERN,
     decode_json,
     fold,
     parse_texts,
-    read_json,
     require_object,
 )
+from aifn.http import errors
+from aifn.http.body import read_json
 
 app = flask.Flask(__name__)
 
@@ -137,7 +137,7 @@ def test_invalid_shapes(body: dict[str, object], message: str) -> None:
     with pytest.raises(errors.InvalidRequest) as info:
         parse_texts(body, max_texts=3)
     assert message in info.value.message
-    assert info.value.status == 422
+    assert errors.status(info.value) == 422
 
 
 def test_too_many_texts() -> None:
@@ -199,7 +199,7 @@ def test_text_pattern_matches_a_pathological_text_in_a_bounded_number_of_steps()
     # 10^5 letters then a NUL: the old pattern made ~5 * 10^9 steps (hours); this one ~10^5.
     # A subprocess, so a regression ends in the timeout instead of hanging the suite.
     code = (
-        "import re, sys; from aifn.validation import TEXT_PATTERN as P; "
+        "import re, sys; from aifn.core.validation import TEXT_PATTERN as P; "
         "sys.exit(0 if re.match(P, 'a' * 100_000 + '\\x00') is None "
         "and re.match(P, ' ' * 100_000 + 'a') else 1)"
     )

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aifn.cache import caller_scope
-from aifn.model import TextEncoder
+from aifn.core.cache import caller_scope
+from aifn.core.errors import TooManyTokens
+from aifn.core.model import TextEncoder
 
 from .helpers import CLASSIFY_MODEL, REPO, SENTIMENT_MODEL, function_app
 
@@ -62,6 +63,33 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(sentiment: 
     assert "600" in error["message"]
     # Within it: the same texts, fewer of them.
     assert sentiment.post(SENTIMENT, json={"texts": ["word " * 60] * 9}).status_code == 200
+
+
+@pytest.mark.parametrize("model", [SENTIMENT_MODEL, CLASSIFY_MODEL], ids=["sentiment", "classify"])
+def test_no_text_counts_more_than_max_tokens(model: Path) -> None:
+    """What lets the budget skip tokenizing a request that cannot reach it: whatever the text
+    (long, accented, CJK, Hangul, emoji, symbols), its count stops at the truncation."""
+    from aifn.core.limits import WorkLimits
+
+    limits = WorkLimits(
+        model / "tokenizer.json", max_text_chars=10_000, max_tokens=32, max_request_tokens=64
+    )
+    texts = [
+        "word " * 500,
+        "é" * 3000,
+        "한국어 텍스트 " * 300,
+        "漢字" * 2000,
+        "\U0001f600 " * 1000,
+        "$%^&*" * 500,
+        "a",
+        "",
+    ]
+    counts = limits.tokens(texts)
+    assert max(counts) == 32
+    assert min(counts) == 2  # [CLS] [SEP]
+    limits.check(texts[:2])  # 2 x 32 <= 64: not counted, and could not be over
+    with pytest.raises(TooManyTokens):
+        limits.check(texts[:3])  # 3 x 32 > 64: counted, and is over
 
 
 def test_the_budget_counts_new_label_prompts_not_cached_ones(classify: tuple[Any, Any]) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aifn import model_source
-from aifn.model import BUILD_INFO, TextEncoder
+from aifn.build import model_source
+from aifn.core.model import BUILD_INFO, TextEncoder
 
 from .helpers import CLASSIFY_MODEL, REPO
 
@@ -104,8 +104,8 @@ def test_default_model_is_current_and_meets_the_bbc_bar() -> None:
 
 
 def test_model_source_refuses_an_encoder_with_other_pooling(tmp_path: Path) -> None:
-    from aifn.errors import ConfigError
-    from aifn.model import check_model_dir
+    from aifn.core.errors import ConfigError
+    from aifn.core.model import check_model_dir
 
     for name in ("config.json", "tokenizer.json", "onnx"):
         (tmp_path / name).symlink_to(CLASSIFY_MODEL / name, target_is_directory=name == "onnx")
@@ -116,26 +116,32 @@ def test_model_source_refuses_an_encoder_with_other_pooling(tmp_path: Path) -> N
 
 
 def test_single_and_multi_label_share_cached_similarities(encoder: TextEncoder) -> None:
-    from aifn.cache import MemoryBackend, PredictionCache
+    from aifn.core.batcher import DynamicBatcher
+    from aifn.core.cache import MemoryBackend, PredictionCache
+    from aifn.core.limits import WorkLimits
+    from aifn.core.predictor import Predictor
 
     cache = PredictionCache(MemoryBackend(100), namespace="classify:sha256:test", ttl=60)
-    classifier = zero_shot.ZeroShotClassifier(encoder.rows, cache_size=16)
+    batcher = DynamicBatcher(encoder.rows, max_batch=8, max_wait=0, max_queued=64, timeout=30)
+    limits = WorkLimits(
+        CLASSIFY_MODEL / "tokenizer.json",
+        max_text_chars=2048,
+        max_tokens=64,
+        max_request_tokens=16_384,
+    )
+    predictor = Predictor(encoder, cache, batcher, limits)
+    classifier = zero_shot.ZeroShotClassifier(predictor.embed, cache_size=16)
     args: dict = {"descriptions": {}, "template": "This is about {label}.", "threshold": 0.5}
     labels = ["sport", "politics"]
-    single = classifier.classify(
-        ["The match ended 2-1."], labels, multi_label=False, cache=cache, **args
-    )
+    text = ["The match ended 2-1."]
+    single = predictor.predict(text, classifier.head(labels, multi_label=False, **args))
     misses = classifier.label_cache.misses
-    multi = classifier.classify(
-        ["The match ended 2-1."], labels, multi_label=True, cache=cache, **args
-    )
+    multi = predictor.predict(text, classifier.head(labels, multi_label=True, **args))
     assert single[0].cached is False
     assert multi[0].cached is True
     assert classifier.label_cache.misses == misses  # the encoder did not run again
     assert multi[0].label == single[0].label == "sport"
     assert multi[0].matches is not None
     # Other labels are other parameters: a miss.
-    other = classifier.classify(
-        ["The match ended 2-1."], ["sport", "music"], multi_label=False, cache=cache, **args
-    )
+    other = predictor.predict(text, classifier.head(["sport", "music"], multi_label=False, **args))
     assert other[0].cached is False

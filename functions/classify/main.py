@@ -4,7 +4,7 @@ Entry point ``classify`` (functions-framework HTTP target). Endpoints: ``POST /v
 ``GET /v1/health``, ``GET /openapi.json``. The mode follows the model in ``MODEL_DIR``: a sentence
 encoder (the default, packaged MiniLM) scores any labels the request names; a classifier trained
 with ``make train`` answers with its own labels. Entry point ``classify_batch`` (CloudEvent
-target): a Cloud Storage file of texts in, a predictions file out (:mod:`aifn.batch`).
+target): a Cloud Storage file of texts in, a predictions file out (:mod:`aifn.files`).
 """
 
 from collections.abc import Mapping
@@ -18,13 +18,9 @@ from classify_settings import ClassifySettings, check_template
 from cloudevents.http import CloudEvent
 from zero_shot import ZeroShotClassifier, prompts
 
-from aifn import batch, runtime
-from aifn.cache import current_scope
-from aifn.errors import InvalidRequest
-from aifn.limits import mark_cut
-from aifn.model import CLASSIFIER, ENCODER, Prediction, TextClassifier, TextEncoder, rank
-from aifn.openapi import ref
-from aifn.validation import (
+import aifn
+from aifn import InvalidRequest, Prediction, ref
+from aifn.core.validation import (
     TEXT_PATTERN,
     check_string,
     fold,
@@ -40,8 +36,8 @@ MAX_DESCRIPTION_CHARS = 1000
 OPTION_FIELDS = frozenset({"labels", "descriptions", "multi_label", "template"})
 FIELDS = {"text", "texts", *OPTION_FIELDS}
 
-options = runtime.read_settings("classify", ClassifySettings)
-service = runtime.start(
+options = aifn.read_settings("classify", ClassifySettings)
+service = aifn.start(
     "classify",
     default_model_dir=REPO_ROOT / "models" / "classify",
     description=(
@@ -50,16 +46,17 @@ service = runtime.start(
         "(a model trained with `make train`): the model's own labels are scored, and `labels` "
         "may narrow them."
     ),
-    kinds=(ENCODER, CLASSIFIER),
+    kinds=(aifn.ENCODER, aifn.CLASSIFIER),
 )
+predictor = service.predictor
 zero_shot = (
     ZeroShotClassifier(
-        service.batcher,
+        predictor.embed,
         cache_size=options.label_cache_size,
         # A request's own new labels always fit in its caller's share.
         cache_share=max(options.label_cache_share, options.max_labels),
     )
-    if isinstance(service.model, TextEncoder)
+    if isinstance(predictor.model, aifn.TextEncoder)
     else None
 )
 ZERO_SHOT = zero_shot is not None
@@ -73,7 +70,7 @@ def _request_schema() -> dict[str, Any]:
         "pattern": TEXT_PATTERN,
     }
     if not ZERO_SHOT:
-        label["enum"] = service.model.labels
+        label["enum"] = predictor.labels
     return {
         "type": "object",
         "description": "Exactly one of `text` or `texts`"
@@ -180,7 +177,7 @@ def parse_labels(body: Mapping[str, Any], *, required: bool) -> list[str] | None
 
 def _label_key(label: str) -> str:
     """Labels that differ only in case, Unicode normalisation, invisible format characters or
-    surrounding spaces are the same label (:func:`aifn.validation.fold`)."""
+    surrounding spaces are the same label (:func:`aifn.core.validation.fold`)."""
     return fold(label)
 
 
@@ -221,33 +218,6 @@ def parse_multi_label(body: Mapping[str, Any]) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequest(f"'multi_label' must be true or false, not {json_type(value)}")
     return value
-
-
-def fine_tuned(
-    model: TextClassifier, texts: list[str], labels: list[str] | None
-) -> list[Prediction]:
-    """The model's probabilities; with ``labels``, renormalised over just those labels."""
-    if labels is not None:
-        unknown = [label for label in labels if label not in model.labels]
-        if unknown:
-            raise InvalidRequest(
-                f"this model does not know the labels {unknown}; its labels are {model.labels}"
-            )
-    # The cache keeps the model's full distribution; narrowing happens after, so every label
-    # subset shares the same entries.
-    rows = service.cache.get_or_compute(
-        texts, params=None, width=len(model.labels), compute=service.batcher
-    )
-    keep = labels or model.labels
-    columns = [model.labels.index(label) for label in keep]
-    results = []
-    for row, cached in rows:
-        picked = [row.values[c] for c in columns]
-        total = sum(picked) or 1.0
-        results.append(
-            Prediction(rank(keep, [p / total for p in picked]), row.truncated, cached=cached)
-        )
-    return results
 
 
 def work_units(body: Any) -> int:
@@ -291,9 +261,9 @@ def classify_texts(body: Any) -> dict[str, Any]:
     texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
     parsed = parse_options(request)
     # MAX_REQUEST_TOKENS, before any model work: the texts and the label prompts to embed.
-    service.limits.check(texts, new_label_prompts(parsed))
+    predictor.check(texts, new_label_prompts(parsed))
     return {
-        "model": service.model.identity.to_json(),
+        "model": predictor.model.identity.to_json(),
         "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
         "multi_label": parsed.multi_label,
         "results": [p.to_json() for p in predict(texts, parsed)],
@@ -325,44 +295,46 @@ def parse_options(request: Mapping[str, Any]) -> Options:
         if field in request and request[field] is not False:
             raise InvalidRequest(
                 f"'{field}' applies to zero-shot models only; this deployment serves a "
-                f"fine-tuned classifier with the labels {service.model.labels}"
+                f"fine-tuned classifier with the labels {predictor.labels}"
             )
     return Options(tuple(labels) if labels is not None else None)
 
 
 def predict(texts: list[str], parsed: Options) -> list[Prediction]:
-    """Through the prediction cache, then the batcher: the same path for HTTP and batch files.
+    """The predictor with this request's head: the same path for HTTP and batch files."""
+    return predictor.predict(texts, head(parsed))
 
-    Each text is first cut to MAX_TEXT_CHARS (a cut text's result says ``truncated``); new label
-    embeddings are cached as the caller's (its cache scope; batch files have one of their own).
-    """
-    texts, cut = service.limits.cut(texts)
+
+def head(parsed: Options) -> aifn.Head:
+    """Zero-shot: the request's labels, with new label embeddings cached as the caller's (its
+    cache scope; batch files have one of their own). Fine-tuned: the model's probabilities,
+    renormalised over ``labels`` when given (over all its labels otherwise)."""
     if zero_shot is not None:
         assert parsed.labels is not None
-        return mark_cut(
-            zero_shot.classify(
-                texts,
-                list(parsed.labels),
-                descriptions=dict(parsed.descriptions),
-                template=parsed.template,
-                multi_label=parsed.multi_label,
-                threshold=options.multi_label_threshold,
-                cache=service.cache,
-                owner=current_scope(),
-            ),
-            cut,
+        return zero_shot.head(
+            list(parsed.labels),
+            descriptions=dict(parsed.descriptions),
+            template=parsed.template,
+            multi_label=parsed.multi_label,
+            threshold=options.multi_label_threshold,
+            owner=aifn.current_scope(),
         )
-    assert isinstance(service.model, TextClassifier)
-    return mark_cut(
-        fine_tuned(
-            service.model, texts, list(parsed.labels) if parsed.labels is not None else None
-        ),
-        cut,
-    )
+    labels = list(parsed.labels) if parsed.labels is not None else predictor.labels
+    unknown = [label for label in labels if label not in predictor.labels]
+    if unknown:
+        raise InvalidRequest(
+            f"this model does not know the labels {unknown}; its labels are {predictor.labels}"
+        )
+    return predictor.classifier_head(labels)
 
 
-files = batch.Processor.start(
-    service, predict=predict, option_fields=OPTION_FIELDS, parse_options=parse_options
+files = aifn.Processor.start(
+    "classify",
+    predictor,
+    predict=predict,
+    option_fields=OPTION_FIELDS,
+    parse_options=parse_options,
+    http=service,
 )
 
 

@@ -20,8 +20,8 @@ import bbc
 import zero_shot
 from classify_settings import DEFAULT_TEMPLATE
 
-from aifn import export, training
-from aifn.model import FLOAT32_GRAPH, TextEncoder
+from aifn.build import export, finetune
+from aifn.core.model import FLOAT32_GRAPH, TextEncoder
 
 NAME = "aifn-zero-shot-minilm"
 # The acceptance bar: accuracy on the BBC test articles with label descriptions.
@@ -96,8 +96,8 @@ def evaluate(encoder: TextEncoder, articles: list[bbc.Article]) -> dict[str, Any
         )
         predicted = [labels[i] for i in table.argmax(axis=-1).tolist()]
         figures[name] = {
-            "accuracy": training.accuracy(gold, predicted),
-            "macro_f1": training.macro_f1(gold, predicted, labels),
+            "accuracy": finetune.accuracy(gold, predicted),
+            "macro_f1": finetune.macro_f1(gold, predicted, labels),
         }
     return figures
 

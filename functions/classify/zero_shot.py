@@ -24,16 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from aifn.cache import PredictionCache
-from aifn.model import Prediction, Scores, rank
+from aifn import Prediction, Scores, rank
 
 TEMPERATURE = 0.025
 SLOPE = 18.0
 MIDPOINT = 0.16
 
 
-# Text embedder: one (unit vector, truncated) pair per text, e.g. TextEncoder.rows or the
-# function's batcher in front of it.
+# Text embedder: one (unit vector, truncated) pair per text, e.g. TextEncoder.rows or
+# Predictor.embed (the batcher in front of it).
 Embed = Callable[[list[str]], list[tuple[np.ndarray, bool]]]
 
 
@@ -183,46 +182,28 @@ class ZeroShotClassifier:
         """The distinct label prompts a request would have to embed: those not cached now."""
         return self.label_cache.missing(label_prompts)
 
-    def classify(
+    def head(
         self,
-        texts: Sequence[str],
         labels: Sequence[str],
         *,
         descriptions: Mapping[str, str],
         template: str,
         multi_label: bool,
         threshold: float,
-        cache: PredictionCache,
         owner: str = "",
-    ) -> list[Prediction]:
-        """Score every text against every label; ``cache`` keeps each text's similarities.
+    ) -> ZeroShotHead:
+        """What a request's labels make of a text's embedding, for :meth:`Predictor.predict`.
 
         ``owner`` is the caller new label embeddings are cached for (:class:`LabelCache`).
         """
-        label_prompts = prompts(labels, descriptions, template)
-        # The cache keeps cosine similarities, keyed by the label prompts: single- and
-        # multi-label requests over the same labels share entries.
-        rows = cache.get_or_compute(
-            texts,
-            params={"prompts": label_prompts},
-            width=len(label_prompts),
-            compute=lambda missing: self.similarities(missing, label_prompts, owner),
+        return ZeroShotHead(
+            self,
+            list(labels),
+            prompts(labels, descriptions, template),
+            multi_label,
+            threshold,
+            owner,
         )
-        similarity = np.array([s.values for s, _ in rows], dtype=np.float64).reshape(
-            len(rows), len(label_prompts)
-        )
-        table: list[list[float]] = scores(similarity, multi_label=multi_label).tolist()
-        results = []
-        for row, (sims, cached) in zip(table, rows, strict=True):
-            ranked = rank(labels, row)
-            # Compared as shown in the response (6 decimals), so `matches` agrees with the scores.
-            matches = (
-                [lbl for lbl, s in ranked if round(s, 6) >= threshold] if multi_label else None
-            )
-            results.append(
-                Prediction(labels=ranked, truncated=sims.truncated, matches=matches, cached=cached)
-            )
-        return results
 
     def similarities(
         self, texts: Sequence[str], label_prompts: Sequence[str], owner: str = ""
@@ -245,3 +226,51 @@ class ZeroShotClassifier:
             Scores(tuple(row), cut)
             for row, cut in zip(table, truncated[len(missing) :], strict=True)
         ]
+
+
+class ZeroShotHead:
+    """Scores over one request's labels (an :class:`aifn.Head`).
+
+    The prediction cache keeps each text's cosine similarities, keyed by the label prompts
+    (``params``): single- and multi-label requests over the same labels share entries.
+    """
+
+    def __init__(
+        self,
+        classifier: ZeroShotClassifier,
+        labels: list[str],
+        label_prompts: list[str],
+        multi_label: bool,
+        threshold: float,
+        owner: str,
+    ) -> None:
+        self._classifier = classifier
+        self._labels = labels
+        self._prompts = label_prompts
+        self._multi_label = multi_label
+        self._threshold = threshold
+        self._owner = owner
+        self.params = {"prompts": label_prompts}
+        self.width = len(label_prompts)
+
+    def compute(self, texts: list[str]) -> list[Scores]:
+        return self._classifier.similarities(texts, self._prompts, self._owner)
+
+    def predictions(self, rows: list[tuple[Scores, bool]]) -> list[Prediction]:
+        similarity = np.array([s.values for s, _ in rows], dtype=np.float64).reshape(
+            len(rows), self.width
+        )
+        table: list[list[float]] = scores(similarity, multi_label=self._multi_label).tolist()
+        results = []
+        for row, (sims, cached) in zip(table, rows, strict=True):
+            ranked = rank(self._labels, row)
+            # Compared as shown in the response (6 decimals), so `matches` agrees with the scores.
+            matches = (
+                [lbl for lbl, s in ranked if round(s, 6) >= self._threshold]
+                if self._multi_label
+                else None
+            )
+            results.append(
+                Prediction(labels=ranked, truncated=sims.truncated, matches=matches, cached=cached)
+            )
+        return results

@@ -1,10 +1,10 @@
 """The default sentiment model's recipe: MiniLM-L6 fine-tuned on VADER's human-rated sentences.
 
-Run through the model-source step (``make model`` / ``python -m aifn.model_source``), which calls
-:func:`build` only when :func:`fingerprint` changed since the last build. The data is the ground
-truth shipped in the ``vaderSentiment==3.3.2`` sdist (Hutto & Gilbert, ICWSM 2014; MIT licence):
-23,703 short texts — movie-review snippets, tweets, Amazon review snippets and NYT editorial
-snippets — each with the mean rating of about 20 people on a -4..+4 scale.
+Run through the model-source step (``make model`` / ``python -m aifn.build.model_source``),
+which calls :func:`build` only when :func:`fingerprint` changed since the last build. The data
+is the ground truth shipped in the ``vaderSentiment==3.3.2`` sdist (Hutto & Gilbert, ICWSM 2014;
+MIT licence): 23,703 short texts — movie-review snippets, tweets, Amazon review snippets and NYT
+editorial snippets — each with the mean rating of about 20 people on a -4..+4 scale.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aifn import export, model_cache, training
-from aifn.model import FLOAT32_GRAPH, Prediction, TextClassifier
+from aifn.build import export, finetune, model_cache
+from aifn.core.model import FLOAT32_GRAPH, Prediction, TextClassifier
 
 NAME = "aifn-sentiment-minilm-vader"
 LABELS = ("NEGATIVE", "NEUTRAL", "POSITIVE")
@@ -46,7 +46,7 @@ SOURCES = {
     "amazon": "amazonReviewSnippets_GroundTruth.txt",
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
-CONFIG = training.TrainConfig()
+CONFIG = finetune.TrainConfig()
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,11 @@ def training_fingerprint() -> dict[str, Any]:
     return {
         "recipe": NAME,
         "recipe_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "training_sha256": hashlib.sha256(Path(training.__file__).read_bytes()).hexdigest(),
+        "training_sha256": hashlib.sha256(Path(finetune.__file__).read_bytes()).hexdigest(),
         "base_model_sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
         "data_sha256": VADER_SDIST_SHA256,
         "config": CONFIG.to_dict(),
-        "train_threads": training.train_threads(),
+        "train_threads": finetune.train_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -167,12 +167,12 @@ def evaluate(classifier: TextClassifier, held_out: list[Rated]) -> dict[str, Any
         # The acceptance figure: of the two polar labels, does the model prefer the right one?
         "movie_polar_accuracy": _polar_accuracy(polar),
         # Stricter: the top label over all three must be the right polar one (NEUTRAL counts wrong).
-        "movie_polar_accuracy_top_label": training.accuracy(
+        "movie_polar_accuracy_top_label": finetune.accuracy(
             [_truth(r) for r, _ in polar], [p.label for _, p in polar]
         ),
         "heldout_n": len(held_out),
-        "macro_f1": training.macro_f1([r.label for r in held_out], top, LABELS),
-        "accuracy_3class": training.accuracy([r.label for r in held_out], top),
+        "macro_f1": finetune.macro_f1([r.label for r in held_out], top, LABELS),
+        "accuracy_3class": finetune.accuracy([r.label for r in held_out], top),
         "by_source": {},
     }
     for source in SOURCES:
@@ -181,8 +181,8 @@ def evaluate(classifier: TextClassifier, held_out: list[Rated]) -> dict[str, Any
         pred = [top[i] for i in idx]
         metrics["by_source"][source] = {
             "n": len(idx),
-            "macro_f1": training.macro_f1(gold, pred, LABELS),
-            "accuracy_3class": training.accuracy(gold, pred),
+            "macro_f1": finetune.macro_f1(gold, pred, LABELS),
+            "accuracy_3class": finetune.accuracy(gold, pred),
         }
     return metrics
 
@@ -200,7 +200,7 @@ def _polar_accuracy(polar: list[tuple[Rated, Prediction]]) -> float:
     """Of the two polar labels, how often the model scores the right one higher."""
     scores = [dict(p.labels) for _, p in polar]
     binary = ["POSITIVE" if s["POSITIVE"] >= s["NEGATIVE"] else "NEGATIVE" for s in scores]
-    return training.accuracy([_truth(r) for r, _ in polar], binary)
+    return finetune.accuracy([_truth(r) for r, _ in polar], binary)
 
 
 def polar_accuracy(classifier: TextClassifier, polar: list[Rated]) -> float:
@@ -209,16 +209,16 @@ def polar_accuracy(classifier: TextClassifier, polar: list[Rated]) -> float:
     return _polar_accuracy(list(zip(polar, predictions, strict=True)))
 
 
-def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any]:
+def build(dest: Path, *, config: finetune.TrainConfig = CONFIG) -> dict[str, Any]:
     """Train the model into ``dest`` (an empty directory), export it, return its figures.
 
     The fine-tune is cached on its own (:func:`training_fingerprint`): a change to the export
     or to how plans are measured re-exports the same weights instead of training again.
     """
     rows = load_ratings(fetch_sdist())
-    train = [training.Example(r.text, r.label) for r in rows if not r.held_out]
+    train = [finetune.Example(r.text, r.label) for r in rows if not r.held_out]
     held_out = [r for r in rows if r.held_out]
-    trained = training.fine_tune_cached(
+    trained = finetune.fine_tune_cached(
         dest,
         _base_model_dir(),
         train,
@@ -256,7 +256,7 @@ def build(dest: Path, *, config: training.TrainConfig = CONFIG) -> dict[str, Any
     return metrics
 
 
-def _pooling_note(config: training.TrainConfig) -> str:
+def _pooling_note(config: finetune.TrainConfig) -> str:
     if config.pooling == "mean":
         return (
             "A seventh, frozen encoder layer makes the [CLS] state the layer-normalised mean of "
@@ -267,7 +267,7 @@ def _pooling_note(config: training.TrainConfig) -> str:
     return "A linear head classifies the pooled [CLS] state."
 
 
-def model_card(m: dict[str, Any], config: training.TrainConfig) -> str:
+def model_card(m: dict[str, Any], config: finetune.TrainConfig) -> str:
     rows = "\n".join(
         f"| {s} | {v['n']} | {v['accuracy_3class']:.3f} | {v['macro_f1']:.3f} |"
         for s, v in m["by_source"].items()

@@ -23,7 +23,7 @@ locals {
 
   batch_job_args = {
     for name, f in local.batch_functions : name => lookup(var.batch.job_args, name,
-      ["python", "-m", "aifn.batch", "gs://${google_storage_bucket.this["${name}-in"].name}/${var.batch.input_prefix}"]
+      ["python", "-m", "aifn.files", "gs://${google_storage_bucket.this["${name}-in"].name}/${var.batch.input_prefix}"]
     )
   }
 }

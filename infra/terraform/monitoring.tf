@@ -8,8 +8,8 @@
 #   run.googleapis.com/request_latencies (a distribution, ms) and
 #   run.googleapis.com/container/instance_count (label state), on resource cloud_run_revision;
 # - log-based metrics defined below from the JSON lines the functions print (aifn.logs): the
-#   request log of aifn.service (logger "aifn.request", field error_type on every error) and the
-#   per-file summary of aifn.batch (logger "aifn.batch", fields records, predictions, errors, and
+#   request log of aifn.http.service (logger "aifn.request", field error_type on every error) and the
+#   per-file summary of aifn.files.processor (logger "aifn.batch", fields records, predictions, errors, and
 #   the message "... N from the cache)"). Cloud Run's logging agent keeps such a line's fields
 #   in jsonPayload (message included); tests/test_monitoring.py checks each filter and extractor
 #   against lines the real code prints.
@@ -98,7 +98,7 @@ locals {
   http_filter  = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=one_of(${join(",", [for n in values(local.monitored_http) : "\"${n}\""])})"
   batch_filter = "resource.type=\"cloud_run_revision\" AND resource.labels.service_name=one_of(${join(",", [for n in values(local.monitored_batch) : "\"${n}\""])})"
 
-  # The batch path's per-file summary (aifn.batch Processor.handle_event), for processed files
+  # The batch path's per-file summary (aifn.files.processor Processor.handle_event), for processed files
   # only: a redelivered, already-done file logs "already done (redelivery)" instead.
   batch_summary_filter = join(" AND ", [
     local.batch_filter,
@@ -114,7 +114,7 @@ locals {
     cached      = { extractor = "REGEXP_EXTRACT(jsonPayload.message, \"([0-9]+) from the cache[)]$\")", what = "Texts answered from the prediction cache, per batch file" }
   }
 
-  # The request log line of each answered prediction (aifn.service: texts, and how many of them
+  # The request log line of each answered prediction (aifn.http.service: texts, and how many of them
   # the prediction cache answered), for the HTTP cache hit ratio.
   http_prediction_filter = join(" AND ", [
     local.http_filter,
@@ -401,7 +401,7 @@ resource "google_monitoring_dashboard" "functions" {
 
 # Uptime checks: GET https://<service host>/v1/health every monitoring_uptime_period from
 # Google's checker regions, with the Monitoring service agent's OIDC token (audience: the URL),
-# and a pass only for 2xx whose body says "status":"ok" (aifn.service's health answer).
+# and a pass only for 2xx whose body says "status":"ok" (aifn.http.service's health answer).
 
 resource "google_monitoring_uptime_check_config" "health" {
   for_each = local.uptime_services

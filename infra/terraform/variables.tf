@@ -221,7 +221,7 @@ variable "batch" {
     dead_letter_max_attempts deliveries before Pub/Sub moves an event to the dead-letter topic (5-100)
     job_task_count          tasks (shards) per job execution; job_parallelism how many run at once (0: all)
     job_timeout_seconds     per task
-    job_command, job_args   per function name; default args: python -m aifn.batch gs://<input bucket>/<input prefix>
+    job_command, job_args   per function name; default args: python -m aifn.files gs://<input bucket>/<input prefix>
     retention_days          objects in the batch buckets are deleted after this many days (0: kept)
   EOT
   type = object({

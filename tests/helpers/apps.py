@@ -51,7 +51,7 @@ def function_app(
 
 def served_revision(model_dir: Path) -> str:
     """The revision a function reports for ``model_dir`` with the default ``QUANTIZE=auto``."""
-    from aifn.model import content_hash, served_graph
+    from aifn.core.model import content_hash, served_graph
 
     graph, _ = served_graph(model_dir, "auto")
     return content_hash(model_dir, graph)

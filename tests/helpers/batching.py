@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 # aifn is imported where it is used: make infra-check runs tests/test_infra.py in a venv
 # without it, and this package is imported by tests/conftest.py.
 if TYPE_CHECKING:
-    from aifn.batching import DynamicBatcher
+    from aifn.core.batcher import DynamicBatcher
 
 
 class Recorder:
@@ -35,7 +35,7 @@ def hold(model: Recorder, b: DynamicBatcher[str]) -> threading.Thread:
     model.gate.clear()
     model.entered.clear()
 
-    from aifn.errors import DeadlineExceeded
+    from aifn.core.errors import DeadlineExceeded
 
     def run() -> None:
         # A short-deadline test may time the holder out too.

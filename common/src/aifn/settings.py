@@ -11,14 +11,52 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aifn.errors import ConfigError
-from aifn.model import parse_quantize
-from aifn.ratelimit import Rate, parse_rate
+from aifn.core.errors import ConfigError
+from aifn.core.model import parse_quantize
+
+# RATE_LIMIT's values (applied by aifn.http.ratelimit).
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+_RATE = re.compile(r"^(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``requests`` per ``period`` seconds, which is also the largest burst."""
+
+    requests: int
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.period
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.period:g}s"
+
+
+def parse_rate(raw: str) -> Rate | None:
+    """``"60/minute"``, ``"5/second"``, ``"1000/hour"``, ``"10/30s"``; ``"off"`` means no limit.
+
+    Raises:
+        ValueError: Not in that form, or zero requests.
+    """
+    value = raw.strip().lower()
+    if value in {"", "off", "none"}:
+        return None
+    m = _RATE.match(value)
+    unit = _UNITS.get(m.group(3)) if m else None
+    if m is None or unit is None:
+        raise ValueError("expected <requests>/<period>, e.g. 60/minute, 5/second, 10/30s")
+    requests, count = int(m.group(1)), int(m.group(2) or 1)
+    if requests < 1 or count < 1:
+        raise ValueError("requests and period must be at least 1")
+    return Rate(requests, float(count * unit))
 
 
 def cpu_count() -> int:

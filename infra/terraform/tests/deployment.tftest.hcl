@@ -263,9 +263,9 @@ run "batch_wiring" {
   assert {
     condition = alltrue([for name, j in google_cloud_run_v2_job.batch :
       j.template[0].task_count == 4 &&
-      j.template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.batch", "gs://${google_storage_bucket.this["${name}-in"].name}/inputs/"])
+      j.template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.files", "gs://${google_storage_bucket.this["${name}-in"].name}/inputs/"])
     ])
-    error_message = "Each job runs aifn.batch over its function's input prefix in 4 tasks."
+    error_message = "Each job runs python -m aifn.files over its function's input prefix in 4 tasks."
   }
 }
 

@@ -137,11 +137,11 @@ run "job_args_override" {
   command = plan
 
   variables {
-    batch = { job_task_count = 10, job_parallelism = 5, job_args = { classify = ["python", "-m", "aifn.batch", "gs://elsewhere/tickets/"] } }
+    batch = { job_task_count = 10, job_parallelism = 5, job_args = { classify = ["python", "-m", "aifn.files", "gs://elsewhere/tickets/"] } }
   }
 
   assert {
-    condition = (google_cloud_run_v2_job.batch["classify"].template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.batch", "gs://elsewhere/tickets/"]) &&
+    condition = (google_cloud_run_v2_job.batch["classify"].template[0].template[0].containers[0].args == tolist(["python", "-m", "aifn.files", "gs://elsewhere/tickets/"]) &&
     google_cloud_run_v2_job.batch["sentiment"].template[0].task_count == 10 && google_cloud_run_v2_job.batch["sentiment"].template[0].parallelism == 5)
     error_message = "Job args, task count and parallelism must come from var.batch."
   }

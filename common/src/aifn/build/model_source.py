@@ -12,15 +12,15 @@ saying where it came from. Sources::
 Each result is cached twice over, by the source's fingerprint (the recipe's inputs, the objects'
 checksums, the Hub revision, the local files' hashes): when it matches the one recorded in the
 destination's ``aifn-model.json`` the step does nothing, and when the machine's prepared-model
-cache (:mod:`aifn.model_cache`) holds it, it is copied from there instead of being rebuilt. The
-directory is built beside the destination and swapped in only once it passes
-:func:`aifn.model.check_model_dir`, so a failed or interrupted run never leaves a broken model
+cache (:mod:`aifn.build.model_cache`) holds it, it is copied from there instead of being
+rebuilt. The directory is built beside the destination and swapped in only once it passes
+:func:`aifn.core.model.check_model_dir`, so a failed or interrupted run never leaves a broken model
 behind.
 
 A recipe file defines ``NAME``, ``fingerprint() -> dict`` (everything its output depends on) and
 ``build(dest: Path) -> dict`` (train into ``dest``, return the evaluation figures).
 
-Usage: ``python -m aifn.model_source --source SPEC --dest DIR [--force]``.
+Usage: ``python -m aifn.build.model_source --source SPEC --dest DIR [--force]``.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from aifn import export, model_cache
-from aifn.errors import ConfigError
-from aifn.model import (
+from aifn.build import export, model_cache
+from aifn.core.errors import ConfigError
+from aifn.core.model import (
     BUILD_INFO,
     FLOAT32_GRAPH,
     IDENTITY_FILES,
@@ -278,11 +278,12 @@ def build_cached(
     """Make ``dest`` hold the model of ``fingerprint``: kept, restored from the cache, or built.
 
     In order: ``dest`` already built from the same fingerprint is kept as it is; else the
-    prepared-model cache (:mod:`aifn.model_cache`) holds a verified copy, which is copied in;
+    prepared-model cache (:mod:`aifn.build.model_cache`) holds a verified copy, which is copied in;
     else ``build(tmp)`` fills an empty directory beside ``dest`` and returns figures to record,
     and the result is stored in the cache. Either way the new directory replaces ``dest`` only
-    once it passes :func:`aifn.model.check_model_dir`, so a failed or interrupted run leaves the
-    previous model in place. ``force`` skips both shortcuts (and replaces the cache entry);
+    once it passes :func:`aifn.core.model.check_model_dir`, so a failed or interrupted run
+    leaves the previous model in place. ``force`` skips both shortcuts (and replaces the cache
+    entry);
     ``shared=False`` keeps this model out of the cache (a local copy is already a copy).
 
     Returns:
@@ -380,7 +381,7 @@ def quiet_library_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aifn.model_source", description=__doc__.split("\n\n")[0]
+        prog="python -m aifn.build.model_source", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--source", required=True, help="recipe:FILE.py, gs://, hf://, or a dir")
     parser.add_argument("--dest", required=True, type=Path, help="model directory to prepare")

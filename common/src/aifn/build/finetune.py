@@ -147,11 +147,11 @@ def fine_tune_cached(
 
     The fine-tuned directory (weights, config, tokenizer) is cached under ``fingerprint``, which
     must cover everything training depends on and nothing after it: then a change to the export
-    or its measurements (:mod:`aifn.export`) rebuilds from the cached weights in seconds instead
-    of training again for minutes. Returns the training's record (seconds, threads), as first
-    measured, with ``"restored": True`` when it came from the cache.
+    or its measurements (:mod:`aifn.build.export`) rebuilds from the cached weights in seconds
+    instead of training again for minutes. Returns the training's record (seconds, threads), as
+    first measured, with ``"restored": True`` when it came from the cache.
     """
-    from aifn import model_cache
+    from aifn.build import model_cache
 
     cache = model_cache.ModelCache.from_env()
     key = model_cache.key(f"{name}:fine-tuned", fingerprint)

@@ -1,13 +1,13 @@
 """Build time: export a Hugging Face model directory to ONNX, and choose its int8 plan.
 
-Serving runs ONNX graphs on ONNX Runtime (:mod:`aifn.model`); this module, which imports torch,
+Serving runs ONNX graphs on ONNX Runtime (:mod:`aifn.core.model`); this module, which imports torch,
 transformers and onnx, makes them, and only the build (the model-source step, ``make train``)
 runs it. Two steps:
 
 * :func:`export` writes ``onnx/model.onnx`` (float32) from the directory's safetensors weights.
   The graph ends in what serving returns: a classifier's probabilities (softmax in the graph),
   an encoder's unit-length mean-pooled embedding. A frozen mean-pooling layer
-  (:func:`aifn.training.append_mean_pooling_layer`: a standard BERT layer built from constants
+  (:func:`aifn.build.finetune.append_mean_pooling_layer`: a standard BERT layer built from constants
   so the directory loads anywhere) is exported as the masked mean and two layer norms it
   computes, not as a seventh encoder layer: a seventh of the work saved. The graph's outputs are
   checked against transformers' own model, each probe text alone, before anything is kept; a
@@ -48,8 +48,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from aifn.errors import ConfigError
-from aifn.model import (
+from aifn.core.errors import ConfigError
+from aifn.core.model import (
     CLASSIFIER,
     ENCODER,
     FLOAT32_GRAPH,
@@ -90,9 +90,9 @@ def fingerprint() -> dict[str, Any]:
     """What an exported, measured model depends on besides its weights: this code and serving's.
 
     Library versions (torch, transformers, onnx, onnxruntime) are in every cache key already
-    (:func:`aifn.model_cache.environment`).
+    (:func:`aifn.build.model_cache.environment`).
     """
-    from aifn import model
+    from aifn.core import model
 
     return {
         "export_sha256": _sha256(Path(__file__)),
@@ -190,7 +190,7 @@ def _load_torch(path: Path, kind: str) -> tuple[Any, Any]:
 def _mean_pooling_layer(model: Any) -> tuple[Any, float] | None:
     """The trailing frozen mean-pooling layer of a BERT-style classifier and its scale, if any.
 
-    Recognised only when every weight is exactly what :func:`aifn.training.
+    Recognised only when every weight is exactly what :func:`aifn.build.finetune.
     append_mean_pooling_layer` writes: zero queries and keys (uniform attention), values
     ``c * I``, an identity attention output and an all-zero feed-forward output.
     """

@@ -1,9 +1,9 @@
 """Per-client rate limits: a token bucket per client, shared by every instance through Redis.
 
-Each client (:mod:`aifn.auth` decides who counts as one) has a bucket of ``Rate.requests``
+Each client (:mod:`aifn.http.auth` decides who counts as one) has a bucket of ``Rate.requests``
 tokens, refilled continuously at ``requests / period``. A request costs one token per unit of
 work (a text, and on zero-shot classify a label prompt not in the label cache: see
-:meth:`aifn.service.Service.work_units`) and is refused unless its client holds them. A client
+:meth:`aifn.http.service.Service.work_units`) and is refused unless its client holds them. A client
 may spend its whole budget at once, then goes on at the steady rate.
 
 A request's cost is known only once its body is read, so it is charged in two steps: one token
@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -44,8 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aifn.settings import Rate
+
 if TYPE_CHECKING:
-    from aifn.cache import CircuitBreaker
+    from aifn.core.cache import CircuitBreaker
     from aifn.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,43 +55,6 @@ KEY_PREFIX = "aifn:rl:v1"
 # In-process buckets kept at most; the least recently used go first. An evicted client starts
 # again with a full bucket, so the bound can only make the limit more lenient, never stricter.
 MAX_MEMORY_BUCKETS = 10_000
-
-_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
-_RATE = re.compile(r"^(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?$")
-
-
-@dataclass(frozen=True)
-class Rate:
-    """``requests`` per ``period`` seconds, which is also the largest burst."""
-
-    requests: int
-    period: float
-
-    @property
-    def per_second(self) -> float:
-        return self.requests / self.period
-
-    def __str__(self) -> str:
-        return f"{self.requests}/{self.period:g}s"
-
-
-def parse_rate(raw: str) -> Rate | None:
-    """``"60/minute"``, ``"5/second"``, ``"1000/hour"``, ``"10/30s"``; ``"off"`` means no limit.
-
-    Raises:
-        ValueError: Not in that form, or zero requests.
-    """
-    value = raw.strip().lower()
-    if value in {"", "off", "none"}:
-        return None
-    m = _RATE.match(value)
-    unit = _UNITS.get(m.group(3)) if m else None
-    if m is None or unit is None:
-        raise ValueError("expected <requests>/<period>, e.g. 60/minute, 5/second, 10/30s")
-    requests, count = int(m.group(1)), int(m.group(2) or 1)
-    if requests < 1 or count < 1:
-        raise ValueError("requests and period must be at least 1")
-    return Rate(requests, float(count * unit))
 
 
 @dataclass(frozen=True)
@@ -240,7 +204,7 @@ class RateLimiter:
         rate: The budget of every client.
         function: Part of every key, so each function has its own budgets.
         redis: Shared buckets, or ``None`` for in-process only.
-        breaker: Guards ``redis`` (the cache's :class:`~aifn.cache.CircuitBreaker`).
+        breaker: Guards ``redis`` (the cache's :class:`~aifn.core.cache.CircuitBreaker`).
         memory: The fallback (and, without Redis, the only) buckets.
         warn_interval: Least seconds between two warnings about Redis errors.
     """
@@ -355,7 +319,7 @@ def from_settings(settings: Settings, *, function: str) -> RateLimiter | None:
         return None
     if not (settings.redis_url or settings.redis_host):
         return RateLimiter(rate, function=function)
-    from aifn.cache import CircuitBreaker, redis_client
+    from aifn.core.cache import CircuitBreaker, redis_client
 
     redis = RedisBuckets(redis_client(settings), rate)
     breaker = CircuitBreaker(

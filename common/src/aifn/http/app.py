@@ -1,4 +1,4 @@
-"""Process start-up for a function: settings, logs, model, service — in that order.
+"""Process start-up for a function: settings, logs, predictor, HTTP service — in that order.
 
 Called from a function's ``main.py`` at import time, which functions-framework does before it
 opens the port; so a function either serves a warmed-up model or exits with a clear error.
@@ -16,12 +16,11 @@ from typing import Any, TypeVar
 import flask
 
 from aifn import logs
-from aifn.batching import DynamicBatcher
-from aifn.cache import from_settings
-from aifn.errors import ConfigError
-from aifn.metrics import Metrics
-from aifn.model import CLASSIFIER, TextClassifier, load_model
-from aifn.service import Service
+from aifn.core.errors import ConfigError
+from aifn.core.model import CLASSIFIER
+from aifn.core.predictor import Predictor
+from aifn.http.metrics import Metrics
+from aifn.http.service import Service
 from aifn.settings import Settings, machine_defaults, read_env
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,11 @@ def start(
     """Read settings, configure logs, load and warm up the model, and build the service.
 
     Args:
-        kinds: The kinds of model (:mod:`aifn.model`) the function can serve.
+        kinds: The kinds of model (:mod:`aifn.core.model`) the function can serve.
+
+    Returns:
+        The HTTP service; its :attr:`~aifn.http.service.Service.predictor` is the function's
+        one way to predictions (for its handlers and its batch files alike).
 
     Raises:
         SystemExit: A setting or the model directory is unusable (after logging why).
@@ -61,42 +64,28 @@ def start(
     # functions-framework sizes gunicorn's thread pool from THREADS after importing the function.
     os.environ["THREADS"] = str(settings.threads)
     logs.configure(settings.log_level, settings.google_cloud_project)
+    metrics = Metrics(function) if settings.metrics else None
     try:
-        model = load_model(
-            settings.model_dir,
+        predictor = Predictor.from_settings(
+            settings,
+            function=function,
             kinds=kinds,
-            max_tokens=settings.max_tokens,
-            threads=settings.intra_op_threads,
-            quantize=settings.quantize,
+            on_batch=metrics.observe_batch if metrics is not None else None,
         )
     except ConfigError as exc:
         log.critical("cannot start: %s", exc, extra={"fields": {"function": function}})
         raise SystemExit(f"{function}: cannot start: {exc}") from None
-    try:
-        cache = from_settings(settings, function=function, revision=model.identity.revision)
-    except ConfigError as exc:
-        raise SystemExit(f"{function}: configuration error: {exc}") from None
-    metrics = Metrics(function) if settings.metrics else None
-    batcher: DynamicBatcher[Any] = DynamicBatcher(
-        model.scores if isinstance(model, TextClassifier) else model.rows,
-        max_batch=settings.inference_batch_size,
-        max_wait=settings.batch_wait_ms / 1000,
-        max_queued=settings.max_queued_texts,
-        timeout=settings.request_timeout_seconds,
-        name=function,
-        workers=settings.model_workers,
-        on_batch=metrics.observe_batch if metrics is not None else None,
-    )
     if metrics is not None:
         metrics.watch(
-            identity=model.identity, kind=model.kind, queued=lambda: batcher.queued, cache=cache
+            identity=predictor.model.identity,
+            kind=predictor.model.kind,
+            queued=lambda: predictor.batcher.queued,
+            cache=predictor.cache,
         )
     service = Service(
         function=function,
         settings=settings,
-        model=model,
-        cache=cache,
-        batcher=batcher,
+        predictor=predictor,
         description=description,
         metrics=metrics,
     )

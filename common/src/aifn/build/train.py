@@ -1,6 +1,6 @@
 """Fine-tune a classifier on your own labelled file: ``make train DATA=tickets.jsonl``.
 
-The same recipe as the sentiment model (:mod:`aifn.training`), fed from a file instead of a
+The same recipe as the sentiment model (:mod:`aifn.build.finetune`), fed from a file instead of a
 packaged dataset. Input, local or ``gs://bucket/object``:
 
 - JSONL (``.jsonl``, ``.ndjson``): one object per line with a ``text`` and a ``label`` (other keys,
@@ -13,7 +13,7 @@ a hash of the text, so duplicates never straddle the split) is held out for eval
 is a standard Hugging Face classifier directory with a model card, built beside ``--dest`` and
 swapped in only when complete; a second run with the same inputs does nothing.
 
-Usage: ``python -m aifn.train --data FILE --dest DIR [--eval-data FILE] [options]``.
+Usage: ``python -m aifn.build.train --data FILE --dest DIR [--eval-data FILE] [options]``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aifn import export, training
-from aifn.errors import ConfigError
-from aifn.model import FLOAT32_GRAPH, TextClassifier
+from aifn.build import export, finetune
+from aifn.core.errors import ConfigError
+from aifn.core.model import FLOAT32_GRAPH, TextClassifier
 
 HOLDOUT_MODULUS = 10
 MAX_REPORTED_PROBLEMS = 20
 MAX_LABEL_CHARS = 100
-DEFAULT_CONFIG = training.TrainConfig()
+DEFAULT_CONFIG = finetune.TrainConfig()
 
 
 class DataError(ConfigError):
@@ -53,7 +53,7 @@ class Dataset:
 
     location: str
     sha256: str
-    examples: list[training.Example]
+    examples: list[finetune.Example]
 
 
 def _fetch(location: str, workdir: Path) -> Path:
@@ -117,7 +117,7 @@ def read_examples(
         DataError: The file is missing, unreadable, or has bad lines (all of them are listed).
     """
     path = _fetch(location, workdir)
-    examples: list[training.Example] = []
+    examples: list[finetune.Example] = []
     problems: list[str] = []
     for number, record in _rows(path, location, text_key, label_key):
         if isinstance(record, str):
@@ -133,7 +133,7 @@ def read_examples(
         elif len(label.strip()) > MAX_LABEL_CHARS:
             problems.append(f"line {number}: label is over {MAX_LABEL_CHARS} characters")
         else:
-            examples.append(training.Example(text.strip(), label.strip()))
+            examples.append(finetune.Example(text.strip(), label.strip()))
     if problems:
         shown = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS])
         more = len(problems) - MAX_REPORTED_PROBLEMS
@@ -153,7 +153,7 @@ def held_out(text: str) -> bool:
 
 def split(
     data: Dataset, eval_data: Dataset | None
-) -> tuple[list[training.Example], list[training.Example], list[str]]:
+) -> tuple[list[finetune.Example], list[finetune.Example], list[str]]:
     """(train, test, labels), checking there is enough of each label to learn and to measure.
 
     Raises:
@@ -193,7 +193,7 @@ def _base_model_dir() -> Path:
 
 
 def training_fingerprint(
-    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
+    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: finetune.TrainConfig
 ) -> dict[str, Any]:
     """Everything the fine-tuned weights depend on: the same fingerprint means the same weights."""
     import torch
@@ -208,23 +208,23 @@ def training_fingerprint(
         "data_sha256": data.sha256,
         "eval_data_sha256": eval_data.sha256 if eval_data else None,
         "base_model_sha256": sha(base / "model.safetensors"),
-        "code_sha256": {"train": sha(Path(__file__)), "training": sha(Path(training.__file__))},
+        "code_sha256": {"train": sha(Path(__file__)), "training": sha(Path(finetune.__file__))},
         "config": config.to_dict(),
-        "train_threads": training.train_threads(),
+        "train_threads": finetune.train_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 
 
 def fingerprint(
-    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: training.TrainConfig
+    name: str, data: Dataset, eval_data: Dataset | None, base: Path, config: finetune.TrainConfig
 ) -> dict[str, Any]:
     """Everything the prepared model depends on: its weights' fingerprint and the export's."""
     return {**training_fingerprint(name, data, eval_data, base, config), **export.fingerprint()}
 
 
 def evaluate(
-    classifier: TextClassifier, test: list[training.Example], labels: list[str]
+    classifier: TextClassifier, test: list[finetune.Example], labels: list[str]
 ) -> dict[str, Any]:
     """Held-out figures, predicted by the serving code path."""
     predicted = [p.label for p in classifier.predict([ex.text for ex in test])]
@@ -234,15 +234,15 @@ def evaluate(
         n = sum(g == label for g in gold)
         per_label[label] = {
             "n": n,
-            "f1": training.macro_f1(gold, predicted, [label]),
+            "f1": finetune.macro_f1(gold, predicted, [label]),
             "recall": (
                 sum(g == p == label for g, p in zip(gold, predicted, strict=True)) / n if n else 0.0
             ),
         }
     return {
         "test_n": len(test),
-        "accuracy": training.accuracy(gold, predicted),
-        "macro_f1": training.macro_f1(gold, predicted, labels),
+        "accuracy": finetune.accuracy(gold, predicted),
+        "macro_f1": finetune.macro_f1(gold, predicted, labels),
         "per_label": per_label,
     }
 
@@ -254,11 +254,11 @@ def build(
     data: Dataset,
     eval_data: Dataset | None,
     base: Path,
-    config: training.TrainConfig,
+    config: finetune.TrainConfig,
 ) -> dict[str, Any]:
     """Train into the empty directory ``dest``, export it; return the evaluation figures."""
     train, test, labels = split(data, eval_data)
-    trained = training.fine_tune_cached(
+    trained = finetune.fine_tune_cached(
         dest,
         base,
         train,
@@ -272,7 +272,7 @@ def build(
     tokenizer_config = dest / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
     settings["model_max_length"] = config.max_length
-    training.write_json(tokenizer_config, settings)
+    finetune.write_json(tokenizer_config, settings)
     onnx = export.export(dest)
 
     def load(graph: str) -> TextClassifier:
@@ -305,7 +305,7 @@ def model_card(
     name: str,
     data: Dataset,
     eval_data: Dataset | None,
-    config: training.TrainConfig,
+    config: finetune.TrainConfig,
     labels: list[str],
     m: dict[str, Any],
 ) -> str:
@@ -328,7 +328,7 @@ tags: [aifn]
 
 # {name}
 
-A {len(labels)}-label text classifier fine-tuned by `python -m aifn.train` (`make train`).
+A {len(labels)}-label text classifier fine-tuned by `python -m aifn.build.train` (`make train`).
 
 - **Data**: `{data.location}` (sha256 `{data.sha256[:16]}`), {m["train_n"]} training texts.
 - **Test texts**: {test}; {m["test_n"]} texts, never trained on.
@@ -350,7 +350,7 @@ Accuracy **{m["accuracy"]:.3f}**, macro-F1 **{m["macro_f1"]:.3f}** (n={m["test_n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aifn.train", description=__doc__.split("\n\n")[0]
+        prog="python -m aifn.build.train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--data", required=True, help="labelled .jsonl or .csv, local or gs://")
     parser.add_argument("--dest", required=True, type=Path, help="model directory to write")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
 
-    from aifn import model_source
+    from aifn.build import model_source
 
     model_source.quiet_library_progress_bars()
     config = replace(

@@ -1,11 +1,11 @@
 """The batch engine: records in, predictions and errors out, chunk by chunk, in input order.
 
-:func:`process` reads a JSONL or CSV stream (see :mod:`aifn.batch_io`), validates each record,
+:func:`process` reads a JSONL or CSV stream (see :mod:`aifn.files.storage`), validates each record,
 sends each chunk's texts through a capability's ``predict`` (the HTTP path's cache and batcher),
 and writes one predictions line per good record and one errors line per bad one, both sorted by
 line number. A shard (task ``i`` of ``N``) takes every N-th chunk; :func:`merge` interleaves the
-parts back by line number. :class:`BatchSettings` are the knobs; :mod:`aifn.batch` drives it for
-events, jobs and the command line.
+parts back by line number. :class:`BatchSettings` are the knobs; :mod:`aifn.files.processor`
+drives it for events, jobs and the command line.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from aifn import batch_io
-from aifn.batch_io import Location, ObjectInfo, PreconditionFailed
-from aifn.errors import ConfigError, DeadlineExceeded, InvalidRequest, Overloaded
-from aifn.model import Prediction
-from aifn.service import Service
+from aifn.core.errors import ConfigError, DeadlineExceeded, InvalidRequest, Overloaded
+from aifn.core.model import ModelIdentity, Prediction
+from aifn.core.validation import check_string, json_type
+from aifn.files import storage
+from aifn.files.storage import Location, ObjectInfo, PreconditionFailed
 from aifn.settings import positive_int, setting
-from aifn.validation import check_string, json_type
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def options_json(raw: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Settings of the batch entry points and ``python -m aifn.batch``."""
+    """Settings of the batch entry points and ``python -m aifn.files``."""
 
     input_prefix: str = setting(
         "BATCH_INPUT_PREFIX",
@@ -173,15 +172,16 @@ class Capability:
 
     Args:
         name: The function, e.g. ``"sentiment"``.
-        service: Its HTTP service (model, batcher, cache, settings).
-        predict: Predictions for texts under one set of parsed options, through the service's
-            cache and batcher; may raise :class:`InvalidRequest` for options it rejects.
+        model: The model's identity, recorded with every output.
+        predict: Predictions for texts under one set of parsed options, through the function's
+            :class:`~aifn.core.predictor.Predictor`; may raise :class:`InvalidRequest` for
+            options it rejects.
         option_fields: Request fields a record (or file header, or ``BATCH_OPTIONS``) may set.
         parse_options: Those fields to a hashable value; raises :class:`InvalidRequest`.
     """
 
     name: str
-    service: Service
+    model: ModelIdentity
     predict: Callable[[list[str], Any], list[Prediction]]
     option_fields: frozenset[str] = frozenset()
     parse_options: Callable[[Mapping[str, Any]], Hashable] = no_options
@@ -271,7 +271,7 @@ class _Engine:
         self._pending_chars = 0
         self._failed: list[tuple[int, Any, str]] = []
 
-    def record(self, raw: batch_io.RawRecord) -> None:
+    def record(self, raw: storage.RawRecord) -> None:
         """Validate one record and queue it (or its error) for the current chunk."""
         self.summary.records += 1
         fields = raw.fields
@@ -436,7 +436,7 @@ def process(
     too_long = f"the line is longer than {settings.max_line_bytes} bytes (BATCH_MAX_LINE_BYTES)"
     if fmt == "jsonl":
         first = True
-        for number, line in batch_io.jsonl_lines(stream, settings.max_line_bytes):
+        for number, line in storage.jsonl_lines(stream, settings.max_line_bytes):
             if first and line is not None:
                 header = _header(line, capability, settings)
                 if header is not None:
@@ -448,12 +448,12 @@ def process(
                 engine.record(
                     _jsonl_record(number, line)
                     if line is not None
-                    else batch_io.RawRecord(number, None, too_long)
+                    else storage.RawRecord(number, None, too_long)
                 )
     elif fmt == "csv":
-        columns, rows = batch_io.csv_rows(stream, settings.max_line_bytes)
+        columns, rows = storage.csv_rows(stream, settings.max_line_bytes)
         if settings.text_column not in columns:
-            raise batch_io.UnreadableFile(
+            raise storage.UnreadableFile(
                 f"the header row {columns} has no column {settings.text_column!r} "
                 "(BATCH_TEXT_COLUMN)"
             )
@@ -461,7 +461,7 @@ def process(
             if owned():
                 engine.record(_csv_record(number, columns, cells, capability))
     else:
-        raise batch_io.UnreadableFile(f"unknown format {fmt!r}")
+        raise storage.UnreadableFile(f"unknown format {fmt!r}")
     engine.flush()
     engine.summary.seconds = time.perf_counter() - started
     return engine.summary
@@ -471,7 +471,7 @@ def _header(line: str, capability: Capability, settings: BatchSettings) -> dict[
     """The file's options if the first JSONL line is a header: no text, only request fields."""
     if not capability.option_fields:
         return None
-    record = batch_io.parse_jsonl_line(line)
+    record = storage.parse_jsonl_line(line)
     if not isinstance(record, dict) or settings.text_column in record or not record:
         return None
     if set(record) <= capability.option_fields:
@@ -479,19 +479,19 @@ def _header(line: str, capability: Capability, settings: BatchSettings) -> dict[
     return None
 
 
-def _jsonl_record(number: int, line: str) -> batch_io.RawRecord:
-    record = batch_io.parse_jsonl_line(line)
+def _jsonl_record(number: int, line: str) -> storage.RawRecord:
+    record = storage.parse_jsonl_line(line)
     if isinstance(record, str):
-        return batch_io.RawRecord(number, None, record)
-    return batch_io.RawRecord(number, record)
+        return storage.RawRecord(number, None, record)
+    return storage.RawRecord(number, record)
 
 
 def _csv_record(
     number: int, columns: list[str], cells: list[str], capability: Capability
-) -> batch_io.RawRecord:
-    record = batch_io.csv_record(columns, cells)
+) -> storage.RawRecord:
+    record = storage.csv_record(columns, cells)
     if isinstance(record, str):
-        return batch_io.RawRecord(number, None, record)
+        return storage.RawRecord(number, None, record)
     fields: dict[str, Any] = {}
     for key, value in record.items():
         if key in capability.option_fields:
@@ -500,7 +500,7 @@ def _csv_record(
             fields[key] = _cell_value(value)
         else:
             fields[key] = value
-    return batch_io.RawRecord(number, fields)
+    return storage.RawRecord(number, fields)
 
 
 def _cell_value(value: str) -> Any:
@@ -592,9 +592,9 @@ def merge(outputs: Outputs, count: int) -> bool:
     pairs = []
     for target in (outputs.errors, outputs.predictions):
         parts = [target.sibling(part_name(target.path, Shard(i, count))) for i in range(count)]
-        infos = [batch_io.stat(p) for p in parts]
+        infos = [storage.stat(p) for p in parts]
         pairs.append((target, parts, infos))
-    final = batch_io.stat(outputs.predictions)
+    final = storage.stat(outputs.predictions)
     part_infos = [i for _, _, infos in pairs for i in infos]
     if any(i is None for i in part_infos):
         if final is not None:
@@ -615,7 +615,7 @@ def merge(outputs: Outputs, count: int) -> bool:
     first = next(i for i in part_infos if i is not None)
     source = first.metadata.get("aifn-source")
     for target, _, _ in pairs:
-        existing = batch_io.stat(target) if target.is_gcs else None
+        existing = storage.stat(target) if target.is_gcs else None
         if existing is not None and existing.metadata.get("aifn-source") != source:
             raise ConfigError(
                 f"{target} exists and was not written from {source}; not overwriting it "
@@ -625,7 +625,7 @@ def merge(outputs: Outputs, count: int) -> bool:
         _merge_one(target, parts, infos, first)
     for _, parts, _ in pairs:
         for part in parts:
-            batch_io.delete(part)
+            storage.delete(part)
     return True
 
 
@@ -637,7 +637,7 @@ def _merge_one(
         merged = Path(tmp) / "merged.jsonl"
         counts = {"aifn-records": 0, "aifn-predictions": 0, "aifn-errors": 0}
         with open(merged, "w", encoding="utf-8", newline="\n") as out:
-            streams = [batch_io.open_input(p) for p in parts]
+            streams = [storage.open_input(p) for p in parts]
             try:
                 readers = [_lines(s.__enter__()) for s in streams]
                 for _, line in heapq.merge(*readers, key=lambda pair: pair[0]):
@@ -651,9 +651,9 @@ def _merge_one(
                 counts[key] += int(info.metadata.get(key, 0) or 0)
         metadata = dict(first.metadata)
         metadata.update({k: str(v) for k, v in counts.items()})
-        existing = batch_io.stat(target)
+        existing = storage.stat(target)
         try:
-            batch_io.publish(
+            storage.publish(
                 merged,
                 target,
                 metadata=metadata if target.is_gcs else None,

@@ -7,7 +7,7 @@ worker (``WORKERS=1``); nothing is counted before the fork, and the worker count
 More than one worker process would need prometheus-client's multiprocess mode.
 
 Label values are bounded: ``route`` is a registered path or ``unmatched``, ``method`` one of the
-HTTP methods or ``other``, ``reason`` an error ``type`` from :mod:`aifn.errors`.
+HTTP methods or ``other``, ``reason`` an error ``type`` from :mod:`aifn.core.errors`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from aifn.cache import PredictionCache
-    from aifn.model import ModelIdentity
+    from aifn.core.cache import PredictionCache
+    from aifn.core.model import ModelIdentity
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNMATCHED = "unmatched"

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import flask
 
-from aifn import errors, ratelimit
+from aifn.http import errors, ratelimit
 
 if TYPE_CHECKING:
     from aifn.settings import Settings
@@ -202,9 +202,9 @@ class Guard:
         )
 
     @property
-    def errors(self) -> tuple[type[errors.ApiError], ...]:
+    def errors(self) -> tuple[type[errors.HttpError], ...]:
         """The errors this guard can answer with, for the OpenAPI document."""
-        out: list[type[errors.ApiError]] = []
+        out: list[type[errors.HttpError]] = []
         if self.api_keys is not None:
             out.append(errors.Unauthorized)
         if self.limiter is not None:

@@ -5,17 +5,18 @@ Two kinds: a :class:`TextClassifier` (fixed labels, a probability per label) and
 any labels). Lists in, lists out: a single text is a list of one. A model is loaded once per
 process, before the port opens, and never from the network.
 
-A *prepared* directory is what the model-source step (``make model``, :mod:`aifn.model_source`)
-or ``make train`` writes: the model's ``config.json`` and ``tokenizer.json``, the ONNX graphs the
-build exported (:mod:`aifn.export`: ``onnx/model.onnx`` in float32, and the int8 plan the build
-measured and chose, if any) and the build record ``aifn-model.json``. Serving imports neither
-torch nor transformers: the graph runs on ONNX Runtime and the tokenizer on ``tokenizers``.
+A *prepared* directory is what the model-source step (``make model``,
+:mod:`aifn.build.model_source`) or ``make train`` writes: the model's ``config.json`` and
+``tokenizer.json``, the ONNX graphs the build exported (:mod:`aifn.build.export`:
+``onnx/model.onnx`` in float32, and the int8 plan the build measured and chose, if any) and the
+build record ``aifn-model.json``. Serving imports neither torch nor transformers: the graph runs
+on ONNX Runtime and the tokenizer on ``tokenizers``.
 
 **Each text runs alone**: one forward pass per text, with no padding and no batch-mates. A
 text's scores are then a function of the text alone, whatever else was queued beside it, and
 with int8 graphs that is not a detail: dynamic quantization scales a layer's input by the largest
 value in the whole batch, so a shared pass would let one request move another's scores. Measured
-on 2 vCPUs, a text alone runs as many texts/s per core as batches of 32 do (README, Performance),
+on 2 vCPUs, a text alone runs as many texts/s per core as batches of 32 do (docs/performance.md),
 so nothing is traded for it.
 """
 
@@ -35,7 +36,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from aifn.errors import ConfigError
+from aifn.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     if not (path / FLOAT32_GRAPH).is_file() and not (plan and (path / plan_graph(plan)).is_file()):
         raise ConfigError(
             f"{path} has no {FLOAT32_GRAPH}: it is not a prepared model directory. Models are "
-            "exported to ONNX at build time: `python -m aifn.model_source --source "
+            "exported to ONNX at build time: `python -m aifn.build.model_source --source "
             f"{path} --dest DIR` (or `make model`) prepares one"
         )
     if not (path / "tokenizer.json").is_file():

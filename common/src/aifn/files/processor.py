@@ -1,12 +1,12 @@
 """Batch inference: a file of texts in, a file of predictions out, through the served model.
 
-Three ways in, one engine (:func:`aifn.batch_engine.process`):
+Three ways in, one engine (:func:`aifn.files.engine.process`):
 
 - **Event**: a function's ``<name>_batch`` CloudEvent entry point receives Cloud Storage's
   "object finalized" event (Eventarc) and calls :meth:`Processor.handle_event`. Objects outside
   ``BATCH_INPUT_PREFIX``, or under the output prefix, are ignored, so the function never
   triggers itself.
-- **Job**: ``python -m aifn.batch gs://bucket/inputs/`` in a Cloud Run job; task
+- **Job**: ``python -m aifn.files gs://bucket/inputs/`` in a Cloud Run job; task
   ``CLOUD_RUN_TASK_INDEX`` of ``CLOUD_RUN_TASK_COUNT`` takes every N-th file of a prefix, or every
   N-th chunk of one file (then writes a part, and the last task to finish merges the parts).
 - **Local**: the same command on a local file or ``gs://`` path, with a progress bar and a summary.
@@ -28,7 +28,8 @@ Delivery is at least once, so writing is idempotent: outputs carry the input's g
 their metadata, a redelivered event whose outputs exist is acknowledged without work, and every
 upload has a generation precondition (a concurrent duplicate gets 412 and stands down). Outputs
 are built in local temporary files and uploaded in one request each: never a partial object.
-The model, batching and cache are the HTTP service's (:class:`aifn.service.Service`).
+The model, batching and cache are the function's :class:`~aifn.core.predictor.Predictor`'s,
+the same as its HTTP endpoints use.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aifn import batch_io
-from aifn.batch_engine import (
+from aifn.core.errors import ConfigError
+from aifn.core.model import Prediction
+from aifn.core.predictor import Predictor
+from aifn.files import storage
+from aifn.files.engine import (
     BatchSettings,
     Capability,
     Outputs,
@@ -66,10 +70,7 @@ from aifn.batch_engine import (
     parts_of,
     process,
 )
-from aifn.batch_io import Location, ObjectInfo, PreconditionFailed
-from aifn.errors import ConfigError
-from aifn.model import Prediction
-from aifn.service import Service
+from aifn.files.storage import Location, ObjectInfo, PreconditionFailed
 from aifn.settings import read_env
 
 __all__ = [
@@ -92,7 +93,9 @@ __all__ = [
     "part_name",
 ]
 
-log = logging.getLogger(__name__)
+# Named as before the package split: dashboards and log-based metrics filter on it
+# (infra/terraform/monitoring.tf).
+log = logging.getLogger("aifn.batch")
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 # Metadata key of an errors file that says the input was refused, not processed.
@@ -119,17 +122,20 @@ class Processor:
     @classmethod
     def start(
         cls,
-        service: Service,
+        name: str,
+        predictor: Predictor,
         *,
         predict: Callable[[list[str], Any], list[Prediction]],
         option_fields: frozenset[str] = frozenset(),
         parse_options: Callable[[Mapping[str, Any]], Hashable] = no_options,
+        http: Callable[[Any], Any] | None = None,
     ) -> Processor:
         """Build the function's processor at start-up (from its ``main.py``).
 
         Reads :class:`BatchSettings` (exiting with a message naming a bad variable), and, inside
-        functions-framework's app, answers ``GET /v1/health`` there too: a CloudEvent function's
-        app has no GET routes, and Cloud Run's startup probe needs one.
+        functions-framework's app, answers ``GET /v1/health`` there too with ``http`` (the
+        function's HTTP service): a CloudEvent function's app has no GET routes, and Cloud Run's
+        startup probe needs one.
 
         Raises:
             SystemExit: A batch setting is invalid.
@@ -138,8 +144,8 @@ class Processor:
             settings = read_env(BatchSettings)
             processor = cls(
                 Capability(
-                    name=service.function,
-                    service=service,
+                    name=name,
+                    model=predictor.model.identity,
                     predict=predict,
                     option_fields=option_fields,
                     parse_options=parse_options,
@@ -147,19 +153,21 @@ class Processor:
                 settings,
             )
         except ConfigError as exc:
-            raise SystemExit(f"{service.function}: configuration error: {exc}") from None
-        _PROCESSORS[service.function] = processor
+            raise SystemExit(f"{name}: configuration error: {exc}") from None
+        _PROCESSORS[name] = processor
         import flask
 
         if flask.has_app_context():
             app = flask.current_app
-            for path in ("/v1/health", "/openapi.json"):
-                app.add_url_rule(
-                    path,
-                    endpoint=f"aifn-batch{path}",
-                    view_func=lambda: service(flask.request),
-                    methods=["GET"],
-                )
+            if http is not None:
+                serve = http
+                for path in ("/v1/health", "/openapi.json"):
+                    app.add_url_rule(
+                        path,
+                        endpoint=f"aifn-batch{path}",
+                        view_func=lambda: serve(flask.request),
+                        methods=["GET"],
+                    )
             # functions-framework decodes the event's data before the entry point runs; data it
             # cannot decode (JSON nested too deep, an integer over the digit limit) raised past
             # it as a 500, redelivered for a day. No retry can decode it: acknowledge and log.
@@ -191,7 +199,7 @@ class Processor:
             self.settings.input_prefix, self.settings.output_prefix
         ):
             return "the input and output prefixes overlap in this bucket; refusing to loop"
-        if batch_io.file_format(name) is None:
+        if storage.file_format(name) is None:
             return "not a .jsonl, .ndjson or .csv file"
         return None
 
@@ -228,7 +236,7 @@ class Processor:
         source = Location(bucket, name)
         generation, size = parsed.generation, parsed.size
         if size is None:  # not in the event: the object's own
-            info = batch_io.stat(source)
+            info = storage.stat(source)
             if info is None:
                 log.warning("ignored %s: it no longer exists", name, extra={"fields": fields})
                 return None
@@ -270,10 +278,10 @@ class Processor:
         """
         outputs = self.outputs_for(source)
         tag = {"aifn-source": str(source), "aifn-source-generation": str(generation)}
-        done = batch_io.stat(outputs.predictions)
+        done = storage.stat(outputs.predictions)
         if done is not None and (_same_source(done, tag) or _newer_source(done, tag)):
             return Summary(skipped=[str(source)])  # the job (or a newer version) got there
-        marker = batch_io.stat(outputs.errors)
+        marker = storage.stat(outputs.errors)
         for target, info in ((outputs.predictions, done), (outputs.errors, marker)):
             if info is not None and _foreign(info, tag):
                 return _refuse_foreign(target, info, source)
@@ -285,10 +293,10 @@ class Processor:
             f"request timeout); nothing was predicted. Run it with the batch job (`gcloud run jobs "
             f"execute` the {self.capability.name} job: it processes every file under the input "
             f"prefix not done yet, and can shard one file over its tasks) or `make batch "
-            f"FUNCTION={self.capability.name} INPUT={source}` (python -m aifn.batch {source}); "
+            f"FUNCTION={self.capability.name} INPUT={source}` (python -m aifn.files {source}); "
             "either replaces this file."
         )
-        model = self.capability.service.model.identity
+        model = self.capability.model
         metadata = {
             **tag,
             REFUSED: "too-large",
@@ -305,7 +313,7 @@ class Processor:
                 dumps({"id": None, "line": None, "error": why}) + "\n", encoding="utf-8"
             )
             try:
-                batch_io.publish(
+                storage.publish(
                     marker_file,
                     outputs.errors,
                     metadata=metadata,
@@ -330,7 +338,7 @@ class Processor:
         shard = shard or Shard()
         outputs = outputs or self.outputs_for(source)
         if generation is None:
-            info = batch_io.stat(source)
+            info = storage.stat(source)
             if info is None:
                 log.warning("%s no longer exists; nothing to do", source)
                 return Summary(refused=[f"{source} no longer exists"])
@@ -338,16 +346,16 @@ class Processor:
         tag = {"aifn-source": str(source), "aifn-source-generation": str(generation)}
         targets = outputs
         if shard.count > 1:
-            final = batch_io.stat(outputs.predictions)
+            final = storage.stat(outputs.predictions)
             if final is not None and _same_source(final, tag):  # merged by an earlier run
                 return Summary(skipped=[str(source)])
             if final is not None and _foreign(final, tag):
                 return _refuse_foreign(outputs.predictions, final, source)
             targets = parts_of(outputs, shard)
-        existing = batch_io.stat(targets.predictions)
+        existing = storage.stat(targets.predictions)
         for target, info in (
             (targets.predictions, existing),
-            (targets.errors, batch_io.stat(targets.errors)),
+            (targets.errors, storage.stat(targets.errors)),
         ):
             if info is not None and _foreign(info, tag):
                 return _refuse_foreign(target, info, source)
@@ -360,10 +368,10 @@ class Processor:
                 )
                 return Summary(skipped=[str(source)])
             try:
-                with batch_io.open_input(source, generation=generation, on_bytes=size) as stream:
+                with storage.open_input(source, generation=generation, on_bytes=size) as stream:
                     summary = self._write(
                         stream,
-                        batch_io.file_format(source.path) or "",
+                        storage.file_format(source.path) or "",
                         targets,
                         tag=tag,
                         expect=existing,
@@ -392,10 +400,10 @@ class Processor:
         """Process a local file (always rewriting its outputs)."""
         shard = shard or Shard()
         targets = parts_of(outputs, shard) if shard.count > 1 else outputs
-        with batch_io.open_input(source, on_bytes=size) as stream:
+        with storage.open_input(source, on_bytes=size) as stream:
             summary = self._write(
                 stream,
-                batch_io.file_format(source.path) or "",
+                storage.file_format(source.path) or "",
                 targets,
                 tag={"aifn-source": str(source)},
                 expect=None,
@@ -451,10 +459,10 @@ class Processor:
                         shard=shard,
                         progress=progress,
                     )
-                except batch_io.UnreadableFile as exc:  # the whole file: say so, once
+                except storage.UnreadableFile as exc:  # the whole file: say so, once
                     summary = Summary(errors=1)
                     err.write(dumps({"id": None, "line": None, "error": str(exc)}) + "\n")
-            model = self.capability.service.model.identity
+            model = self.capability.model
             metadata = {
                 **tag,
                 "aifn-function": self.capability.name,
@@ -467,9 +475,9 @@ class Processor:
             try:
                 for file, target in ((err_file, targets.errors), (pred_file, targets.predictions)):
                     if overwrite or not target.is_gcs:
-                        batch_io.publish(file, target, metadata=metadata)
+                        storage.publish(file, target, metadata=metadata)
                         continue
-                    seen = expect if target == targets.predictions else batch_io.stat(target)
+                    seen = expect if target == targets.predictions else storage.stat(target)
                     if (
                         seen is not None
                         and target == targets.errors
@@ -477,7 +485,7 @@ class Processor:
                         and REFUSED not in seen.metadata  # a refusal marker is replaced
                     ):
                         continue  # written by an earlier, interrupted delivery: the same content
-                    batch_io.publish(
+                    storage.publish(
                         file,
                         target,
                         metadata=metadata,
@@ -503,7 +511,7 @@ class Processor:
         assert prefix.bucket is not None
         files = [
             (name, generation)
-            for name, generation in batch_io.list_objects(prefix)
+            for name, generation in storage.list_objects(prefix)
             if self.is_input(prefix.bucket, name, in_prefix=False) is None
         ]
         total = Summary()
@@ -633,7 +641,7 @@ def _refuse_foreign(target: Location, info: ObjectInfo, source: Location) -> Sum
     why = (
         f"{target} exists and was written from {owner}, not {source}; not overwriting it"
         if owner
-        else f"{target} exists and was not written by aifn.batch; not overwriting it"
+        else f"{target} exists and was not written by aifn.files; not overwriting it"
     )
     log.warning("%s (delete it, or change BATCH_OUTPUT_PREFIX / --output)", why)
     return Summary(refused=[why])
@@ -735,9 +743,9 @@ def _outputs(settings: BatchSettings, source: Location, output: str | None) -> O
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aifn.batch",
+        prog="python -m aifn.files",
         description="Batch inference over a JSONL or CSV file (local or gs://) or a gs:// prefix. "
-        "`python -m aifn.batch merge INPUT` merges a sharded run's parts.",
+        "`python -m aifn.files merge INPUT` merges a sharded run's parts.",
     )
     parser.add_argument("input", help="a local file, gs://BUCKET/OBJECT, or gs://BUCKET/PREFIX/")
     parser.add_argument(
@@ -751,7 +759,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=KNOWN_FUNCTIONS,
         help="default: from FUNCTION_TARGET, or the function named in CLOUD_RUN_JOB / K_SERVICE",
     )
-    parser.add_argument("--source", help="the function's main.py (default: found, see README)")
+    parser.add_argument("--source", help="the function's main.py (default: found; docs/batch.md)")
     parser.add_argument(
         "--options",
         type=options_json,
@@ -766,7 +774,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _merge_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aifn.batch merge",
+        prog="python -m aifn.files merge",
         description="Merge the parts a sharded run wrote into the final predictions and errors "
         "files (the last task does this by itself; this is for doing it by hand).",
     )
@@ -777,14 +785,14 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aifn.batch [merge] INPUT [options]``; returns the exit status."""
+    """``python -m aifn.files [merge] INPUT [options]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["merge"]:
             return _merge_main(argv[1:])
         return _run_main(argv)
     except ConfigError as exc:
-        print(f"aifn.batch: {exc}", file=sys.stderr)
+        print(f"aifn.files: {exc}", file=sys.stderr)
         return 2
 
 
@@ -812,7 +820,7 @@ def _run_main(argv: list[str]) -> int:
     shard = _shard_from_env(args)
     if not source.is_gcs and not Path(source.path).is_file():
         raise ConfigError(f"{source}: no such file")
-    if batch_io.file_format(source.path) is None and not (
+    if storage.file_format(source.path) is None and not (
         source.is_gcs and (source.path.endswith("/") or not source.path)
     ):
         raise ConfigError(f"{source}: not a .jsonl, .ndjson or .csv file (or a gs:// prefix/)")
@@ -829,7 +837,7 @@ def _run_main(argv: list[str]) -> int:
             )
         else:
             outputs = _outputs(processor.settings, source, args.output)
-            if source.is_gcs and batch_io.stat(source) is None:
+            if source.is_gcs and storage.stat(source) is None:
                 raise ConfigError(f"{source}: no such object")
             if source.is_gcs:
                 summary = processor.run_object(
@@ -902,13 +910,5 @@ class _Progress:
 
 
 def _progress_bar(source: Location, *, disable: bool) -> _Progress:
-    info = None if source.path.endswith("/") or not source.path else batch_io.stat(source)
+    info = None if source.path.endswith("/") or not source.path else storage.stat(source)
     return _Progress(info.size if info is not None else None, disable)
-
-
-if __name__ == "__main__":
-    # Run as the imported module, not as __main__: a function's main.py registers its processor
-    # in aifn.batch, which would otherwise be a second copy of this module.
-    from aifn import batch
-
-    raise SystemExit(batch.main())

@@ -21,7 +21,7 @@ be used; each file is hashed as it is copied out and must match the manifest, an
 longer matches (disk trouble, a hand edit) is deleted and rebuilt. Builds of the same key
 serialise on its lock, so two concurrent ``make model`` runs train once and both get the result.
 
-Usage: ``python -m aifn.model_cache [list | clear | path]``.
+Usage: ``python -m aifn.build.model_cache [list | clear | path]``.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aifn.model_cache", description=__doc__.split("\n\n")[0]
+        prog="python -m aifn.build.model_cache", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("command", nargs="?", default="list", choices=["list", "clear", "path"])
     args = parser.parse_args(argv)

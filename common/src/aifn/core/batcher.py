@@ -6,7 +6,7 @@ Requests hand their texts to the queue and wait; a free worker takes what is que
 to come), runs them in one call of the model, and hands each request its own results, in its own
 order. A request's list is split into one share per worker (at most ``max_batch`` each), so
 idle workers run it together; short ones are merged. (The served
-models run each text of a call alone, :mod:`aifn.model`: merging saves hand-offs between
+models run each text of a call alone, :mod:`aifn.core.model`: merging saves hand-offs between
 threads, never changes a text's scores.)
 
 Backpressure is explicit: at most ``max_queued`` texts wait at a time, and a request that would
@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from aifn.errors import DeadlineExceeded, Overloaded
+from aifn.core.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -147,7 +147,7 @@ class DynamicBatcher(Generic[R]):
                 raise Overloaded(
                     f"the instance is at capacity ({self._queued_texts} texts queued); retry in "
                     f"{self.retry_after} s",
-                    headers={"Retry-After": str(self.retry_after)},
+                    retry_after=self.retry_after,
                 )
             jobs: list[_Job[R]] = [_Job(chunk, deadline) for chunk in chunks]
             self._queue.extend(jobs)
@@ -164,7 +164,7 @@ class DynamicBatcher(Generic[R]):
                 raise DeadlineExceeded(
                     f"no result within {self.timeout:g} s (REQUEST_TIMEOUT_SECONDS); the instance "
                     "is overloaded, retry later",
-                    headers={"Retry-After": str(self.retry_after)},
+                    retry_after=self.retry_after,
                 ) from None
         return results
 

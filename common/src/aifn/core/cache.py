@@ -15,7 +15,7 @@ misses inside an instance are computed once (single-flight).
 Scope (``CACHE_SCOPE``): with ``caller`` (the default) every key also holds the caller's cache
 scope, so a caller only ever hits entries its own identity wrote, and neither ``cached`` nor the
 response time tells it what anyone else sent. The HTTP edge names the scope for the duration of
-a request with :func:`caller_scope` (:class:`aifn.auth.Guard` decides who the caller is); work
+a request with :func:`caller_scope` (:class:`aifn.http.auth.Guard` decides who the caller is); work
 outside a request (batch files, jobs) runs in :data:`BATCH_SCOPE`. ``shared`` drops the scope
 from the key: one namespace for every caller, for single-tenant deployments.
 """
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aifn.errors import ConfigError
-from aifn.model import Scores
+from aifn.core.errors import ConfigError
+from aifn.core.model import Scores
 
 if TYPE_CHECKING:
     from aifn.settings import Settings

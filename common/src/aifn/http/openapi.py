@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aifn.errors import ERROR_TYPES, ApiError
-from aifn.validation import TEXT_PATTERN
+from aifn.core.errors import Error
+from aifn.core.validation import TEXT_PATTERN
+from aifn.http.errors import ERROR_TYPES, status
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -191,7 +192,7 @@ class Operation:
     response_schema: dict[str, Any]
     request_schema: dict[str, Any] | None = None
     request_example: Any = None
-    errors: tuple[type[ApiError], ...] = field(default_factory=tuple)
+    errors: tuple[type[Error], ...] = field(default_factory=tuple)
     response_media_type: str = "application/json"
 
 
@@ -215,9 +216,9 @@ def document(
                 "content": {op.response_media_type: {"schema": op.response_schema}},
             }
         }
-        for status in sorted({e.status for e in op.errors}):
-            types = ", ".join(f"`{e.type}`" for e in op.errors if e.status == status)
-            responses[str(status)] = {
+        for code in sorted({status(e) for e in op.errors}):
+            types = ", ".join(f"`{e.type}`" for e in op.errors if status(e) == code)
+            responses[str(code)] = {
                 "description": f"Error: {types}.",
                 "content": {"application/json": {"schema": ref("Error")}},
             }

@@ -4,7 +4,7 @@ functions-framework hands every path and method to one entry point; :class:`Serv
 them. A capability registers its endpoints with :meth:`Service.post`; the service supplies
 ``GET /v1/health``, ``GET /openapi.json`` and (unless ``METRICS=off``) ``GET /metrics``.
 Handlers receive the decoded JSON body and return a JSON-able dict; anything else they raise
-becomes a JSON error (see :mod:`aifn.errors`). This layer never touches tensors.
+becomes a JSON error (see :mod:`aifn.http.errors`). This layer never touches tensors.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
-from aifn import auth, errors, logs, openapi
-from aifn.batching import DynamicBatcher
-from aifn.cache import PredictionCache, caller_scope
-from aifn.limits import WorkLimits, count_texts
-from aifn.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from aifn.metrics import UNMATCHED, Metrics
-from aifn.model import TextClassifier, TextEncoder
+from aifn import logs
+from aifn.core.cache import caller_scope
+from aifn.core.limits import count_texts
+from aifn.core.predictor import Predictor
+from aifn.http import auth, errors, openapi
+from aifn.http.body import read_json
+from aifn.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aifn.http.metrics import UNMATCHED, Metrics
 from aifn.settings import Settings
-from aifn.validation import read_json
 
 log = logging.getLogger("aifn.request")
 
@@ -37,7 +37,7 @@ Handler = Callable[[Any], dict[str, Any]]
 # The service's own routes may answer with a ready response (``/metrics`` is text, not JSON).
 _AnyHandler = Callable[[Any], "dict[str, Any] | flask.Response"]
 
-_POST_ERRORS: tuple[type[errors.ApiError], ...] = (
+_POST_ERRORS: tuple[type[errors.Error], ...] = (
     errors.InvalidJson,
     errors.PayloadTooLarge,
     errors.UnsupportedMediaType,
@@ -50,7 +50,7 @@ _POST_ERRORS: tuple[type[errors.ApiError], ...] = (
     errors.NotReady,
 )
 # werkzeug's own HTTP errors (raised before our code runs) mapped onto our types.
-_HTTP_STATUS_TO_ERROR: dict[int, type[errors.ApiError]] = {
+_HTTP_STATUS_TO_ERROR: dict[int, type[errors.Error]] = {
     400: errors.InvalidJson,
     404: errors.NotFound,
     405: errors.MethodNotAllowed,
@@ -76,9 +76,8 @@ class Service:
     Args:
         function: The capability's name, e.g. ``"sentiment"``.
         settings: The process's settings.
-        model: The loaded model; health reports its identity.
-        cache: The prediction cache handlers use; health reports its state and counters.
-        batcher: The model's batching queue handlers send texts through.
+        predictor: The model behind its cache and batcher, which handlers predict with; health
+            reports its identity, cache and queue.
         guard: API keys and rate limits for the ``post()`` routes; from the settings when omitted.
         metrics: Where requests are counted, served at ``GET /metrics``; ``None``: no metrics.
         description: One paragraph for the OpenAPI document.
@@ -90,9 +89,7 @@ class Service:
         *,
         function: str,
         settings: Settings,
-        model: TextClassifier | TextEncoder,
-        cache: PredictionCache,
-        batcher: DynamicBatcher[Any],
+        predictor: Predictor,
         description: str,
         version: str = "1.0.0",
         guard: auth.Guard | None = None,
@@ -100,12 +97,8 @@ class Service:
     ) -> None:
         self.function = function
         self.settings = settings
-        self.model = model
-        self.cache = cache
-        self.batcher = batcher
+        self.predictor = predictor
         self.guard = guard or auth.Guard.from_settings(settings, function=function)
-        # MAX_TEXT_CHARS and MAX_REQUEST_TOKENS, counted with the model's own tokenizer.
-        self.limits = WorkLimits.from_settings(settings, max_tokens=model.max_tokens)
         self._description = description
         self._version = version
         self._routes: dict[str, dict[str, _Route]] = {}
@@ -220,16 +213,17 @@ class Service:
         return self._openapi
 
     def _health(self, _body: Any) -> dict[str, Any]:
-        if not self.model.ready:
+        model, cache, batcher = self.predictor.model, self.predictor.cache, self.predictor.batcher
+        if not model.ready:
             raise errors.NotReady("the model is still loading")
         health = {
             "status": "ok",
             "function": self.function,
-            "model": self.model.identity.to_json(),
-            "kind": self.model.kind,
-            "labels": self.model.labels,
-            "cache": self.cache.describe(),
-            "batching": {"queued": self.batcher.queued, **dataclasses.asdict(self.batcher.stats)},
+            "model": model.identity.to_json(),
+            "kind": model.kind,
+            "labels": model.labels,
+            "cache": cache.describe(),
+            "batching": {"queued": batcher.queued, **dataclasses.asdict(batcher.stats)},
         }
         if self.guard.limiter is not None:
             health["rate_limit"] = self.guard.limiter.describe()
@@ -257,12 +251,12 @@ class Service:
         """The functions-framework entry point's whole body: route, run, render, log."""
         started = time.perf_counter()
         token = logs.set_trace(_trace_context(request))
-        error: errors.ApiError | None = None
+        error: errors.Error | None = None
         path = request.path.rstrip("/") or "/"
         try:
             try:
-                response = self._dispatch(request, path)
-            except errors.ApiError as exc:
+                response, error = self._dispatch(request, path)
+            except errors.Error as exc:
                 error = exc
                 response = self._error_response(exc)
             except Exception:
@@ -286,8 +280,14 @@ class Service:
         finally:
             logs.reset_trace(token)
 
-    def _dispatch(self, request: flask.Request, path: str) -> flask.Response:
-        """Route ``request`` (its ``path`` without a trailing slash) and run its handler."""
+    def _dispatch(
+        self, request: flask.Request, path: str
+    ) -> tuple[flask.Response, errors.Error | None]:
+        """Route ``request`` (its ``path`` without a trailing slash) and run its handler.
+
+        Returns the response, and the error it reports once the caller was admitted (with the
+        caller's budget headers); errors before that are raised.
+        """
         methods = self._routes.get(path)
         if methods is None:
             raise errors.NotFound(f"no endpoint at {request.path}; see GET /openapi.json")
@@ -318,15 +318,18 @@ class Service:
                 _note_results(request, result)
                 result = _json_response(result, 200)
             response = result
-        except errors.ApiError as exc:
-            exc.headers = {**limit_headers, **exc.headers}
-            raise
+        except errors.Error as exc:
+            # The caller's budget headers go on its errors too (the error's own win).
+            return self._error_response(exc, limit_headers), exc
         response.headers.update(limit_headers)
-        return response
+        return response, None
 
-    def _error_response(self, exc: errors.ApiError) -> flask.Response:
-        response = _json_response(exc.body(), exc.status)
-        response.headers.update(exc.headers)
+    def _error_response(
+        self, exc: errors.Error, extra_headers: dict[str, str] | None = None
+    ) -> flask.Response:
+        """The one place an error becomes HTTP: its status, JSON body and headers."""
+        response = _json_response(errors.body(exc), errors.status(exc))
+        response.headers.update({**(extra_headers or {}), **errors.headers(exc)})
         return response
 
     def _log_request(
@@ -334,7 +337,7 @@ class Service:
         request: flask.Request,
         response: flask.Response,
         seconds: float,
-        error: errors.ApiError | None,
+        error: errors.Error | None,
     ) -> None:
         fields: dict[str, Any] = {
             "httpRequest": {
