@@ -466,6 +466,10 @@ def check_running(engine: Engine, function: str, name: str, port: int) -> dict[s
     ).stdout.strip()  # fmt: skip
     if heavy != "none":
         raise Failed(f"{function}: the runtime image has build-time libraries: {heavy}")
+    # The batch job's command (Terraform's job args) starts in the runtime image as shipped.
+    job = engine.docker("exec", name, "python", "-m", "aifn.files", "--help", check=False)
+    if job.returncode != 0 or "usage" not in job.stdout:
+        raise Failed(f"{function}: python -m aifn.files does not start: {job.stderr[-500:]}")
     env = engine.docker("exec", name, "printenv", "WORKERS").stdout.split()
     if env != ["1"]:
         raise Failed(f"{function}: WORKERS is {env}, expected 1")
