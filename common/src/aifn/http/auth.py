@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -129,7 +130,10 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _group(address: str, ipv6_prefix: int) -> str:
+    """The budget and cache scope an address belongs to (an IPv6 address's network). Cached:
+    parsing it with ipaddress, twice a request, cost about 30 us of the edge's ~400 us."""
     ip = _parse_ip(address)
     if ip is None:
         return address  # only the TCP peer can be that (e.g. a unix socket): not client-chosen
