@@ -360,21 +360,29 @@ class PredictionCache:
         found (and deleted) by prefix without storing who the caller is; shared:
         ``aifn:v1:<function>:<hash>``.
         """
+        return self.keys([text], params)[0]
+
+    def keys(self, texts: Sequence[str], params: Any) -> list[str]:
+        """:meth:`key` of each text; what the texts share (params, scope) is encoded once."""
         function = self._namespace.split(":", 1)[0]
-        parts = [
+        head = hashlib.sha256()
+        for part in (
             self._namespace,
             json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
-            normalise(text),
-        ]
+        ):
+            head.update(_utf8(part) + b"\0")
         prefix = f"{KEY_PREFIX}:{function}"
+        tail = b""
         if self.scope == "caller":
             scope = current_scope()
-            parts.append(scope)
+            tail = _utf8(scope) + b"\0"
             prefix += ":" + hashlib.sha256(_utf8(scope)).hexdigest()[:16]
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(_utf8(part) + b"\0")
-        return f"{prefix}:{digest.hexdigest()[:32]}"
+        out = []
+        for text in texts:
+            digest = head.copy()
+            digest.update(_utf8(normalise(text)) + b"\0" + tail)
+            out.append(f"{prefix}:{digest.hexdigest()[:32]}")
+        return out
 
     def get_or_compute(
         self,
@@ -391,7 +399,7 @@ class PredictionCache:
             width: How many scores each text has (checks what the cache returns).
             compute: Scores for a list of texts, in order; called once, with the misses only.
         """
-        keys = [self.key(t, params) for t in texts]
+        keys = self.keys(texts, params)
         first_text = dict(zip(reversed(keys), reversed(texts), strict=True))
         unique = list(dict.fromkeys(keys))
         found = self._read(unique, width)
