@@ -220,56 +220,6 @@ def parse_multi_label(body: Mapping[str, Any]) -> bool:
     return value
 
 
-def work_units(body: Any) -> int:
-    """A request's units of work: its texts, plus its label prompts not in the label cache.
-
-    Each is one forward pass of the model; what the rate limit charges (Service.work_units).
-    Raises the request's own 4xx when the body is invalid.
-    """
-    request = require_object(body, allowed=FIELDS)
-    texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
-    return len(texts) + len(new_label_prompts(parse_options(request)))
-
-
-def new_label_prompts(parsed: "Options") -> list[str]:
-    """The label prompts of a request the model would have to embed (zero-shot only)."""
-    if zero_shot is None or parsed.labels is None:
-        return []
-    return zero_shot.new_prompts(
-        prompts(list(parsed.labels), dict(parsed.descriptions), parsed.template)
-    )
-
-
-@service.post(
-    "/v1/classify",
-    summary="Classify one text or a batch of texts.",
-    work=work_units,
-    request_schema=_request_schema(),
-    response_schema=RESPONSE_SCHEMA,
-    request_example={
-        "text": "I was charged twice for my subscription this month.",
-        "labels": ["billing", "bug report", "feature request"],
-        "descriptions": {
-            "billing": "A question about money: a charge, payment, card, invoice, refund or price."
-        },
-    }
-    if ZERO_SHOT
-    else {"texts": ["I was charged twice for my subscription this month."]},
-)
-def classify_texts(body: Any) -> dict[str, Any]:
-    request = require_object(body, allowed=FIELDS)
-    texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
-    parsed = parse_options(request)
-    # MAX_REQUEST_TOKENS, before any model work: the texts and the label prompts to embed.
-    predictor.check(texts, new_label_prompts(parsed))
-    return {
-        "model": predictor.model.identity.to_json(),
-        "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
-        "multi_label": parsed.multi_label,
-        "results": [p.to_json() for p in predict(texts, parsed)],
-    }
-
-
 @dataclass(frozen=True)
 class Options:
     """A request's fields besides its texts, validated (hashable: batch files group by it)."""
@@ -298,6 +248,68 @@ def parse_options(request: Mapping[str, Any]) -> Options:
                 f"fine-tuned classifier with the labels {predictor.labels}"
             )
     return Options(tuple(labels) if labels is not None else None)
+
+
+def new_label_prompts(parsed: Options) -> list[str]:
+    """The label prompts of a request the model would have to embed (zero-shot only)."""
+    if zero_shot is None or parsed.labels is None:
+        return []
+    return zero_shot.new_prompts(
+        prompts(list(parsed.labels), dict(parsed.descriptions), parsed.template)
+    )
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """A validated ``POST /v1/classify`` body."""
+
+    texts: list[str]
+    options: Options
+    # Its label prompts not in the label cache (zero-shot): the model embeds them too.
+    new_prompts: list[str]
+
+
+def parse_request(body: Any) -> ClassifyRequest:
+    request = require_object(body, allowed=FIELDS)
+    texts = parse_texts(request, max_texts=service.settings.max_batch_texts).texts
+    options = parse_options(request)
+    return ClassifyRequest(texts, options, new_label_prompts(options))
+
+
+def work_units(request: ClassifyRequest) -> int:
+    """A request's units of work: its texts, plus its label prompts not in the label cache.
+
+    Each is one forward pass of the model; what the rate limit charges (Service.work_units).
+    """
+    return len(request.texts) + len(request.new_prompts)
+
+
+@service.post(
+    "/v1/classify",
+    summary="Classify one text or a batch of texts.",
+    parse=parse_request,
+    work=work_units,
+    request_schema=_request_schema(),
+    response_schema=RESPONSE_SCHEMA,
+    request_example={
+        "text": "I was charged twice for my subscription this month.",
+        "labels": ["billing", "bug report", "feature request"],
+        "descriptions": {
+            "billing": "A question about money: a charge, payment, card, invoice, refund or price."
+        },
+    }
+    if ZERO_SHOT
+    else {"texts": ["I was charged twice for my subscription this month."]},
+)
+def classify_texts(request: ClassifyRequest) -> dict[str, Any]:
+    # MAX_REQUEST_TOKENS, before any model work: the texts and the label prompts to embed.
+    predictor.check(request.texts, request.new_prompts)
+    return {
+        "model": predictor.model.identity.to_json(),
+        "mode": "zero-shot" if zero_shot is not None else "fine-tuned",
+        "multi_label": request.options.multi_label,
+        "results": [p.to_json() for p in predict(request.texts, request.options)],
+    }
 
 
 def predict(texts: list[str], parsed: Options) -> list[Prediction]:

@@ -59,7 +59,10 @@ _HTTP_STATUS_TO_ERROR: dict[int, type[errors.Error]] = {
 }
 
 
-# Units of work a request asks for, from its decoded body (see Service.work_units).
+# A route's parser: the decoded body -> the validated request its handler and work counter get
+# (raising the request's 4xx).
+Parser = Callable[[Any], Any]
+# Units of work a request asks for, from its parsed request (see Service.work_units).
 WorkCounter = Callable[[Any], int]
 
 
@@ -68,6 +71,7 @@ class _Route:
     operation: openapi.Operation
     handler: _AnyHandler
     work: WorkCounter | None = None
+    parse: Parser | None = None
 
 
 class Service:
@@ -147,12 +151,14 @@ class Service:
         request_schema: dict[str, Any],
         response_schema: dict[str, Any],
         request_example: Any = None,
+        parse: Parser | None = None,
         work: WorkCounter | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Register ``handler(body) -> dict`` for ``POST path``.
+        """Register ``handler(request) -> dict`` for ``POST path``.
 
-        ``work(body)`` counts the units of work a body asks for (:meth:`work_units`); by
-        default its texts.
+        ``parse(body)`` validates the decoded body once; the handler and ``work`` get what it
+        returns (by default the body itself). ``work(request)`` counts the units of work it asks
+        for (:meth:`work_units`); by default its texts.
         """
 
         def register(handler: Handler) -> Handler:
@@ -168,16 +174,21 @@ class Service:
                 ),
                 handler,
                 work,
+                parse,
             )
             return handler
 
         return register
 
     def _add(
-        self, operation: openapi.Operation, handler: _AnyHandler, work: WorkCounter | None = None
+        self,
+        operation: openapi.Operation,
+        handler: _AnyHandler,
+        work: WorkCounter | None = None,
+        parse: Parser | None = None,
     ) -> None:
         self._routes.setdefault(operation.path, {})[operation.method] = _Route(
-            operation, handler, work
+            operation, handler, work, parse
         )
         self._openapi = None
 
@@ -192,14 +203,14 @@ class Service:
         if route is None:
             return 1
         try:
-            units = (
-                route.work(body)
-                if route.work is not None
-                else count_texts(body, self.settings.max_batch_texts)
-            )
-        except Exception:  # a malformed body: the handler refuses it with a 4xx
+            return self._units(route, route.parse(body) if route.parse is not None else body)
+        except Exception:  # a malformed body: the route refuses it with a 4xx
             return 1
-        return max(1, units)
+
+    def _units(self, route: _Route, request: Any) -> int:
+        if route.work is not None:
+            return max(1, route.work(request))
+        return count_texts(request, self.settings.max_batch_texts)
 
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:
@@ -311,9 +322,11 @@ class Service:
                 if self.settings.log_request_text:
                     log.debug("request body", extra={"fields": {"body": body}})
             with caller_scope(caller.scope) if caller is not None else nullcontext():
+                # Parsed once: a body it refuses was charged its one unit at admission.
+                parsed = route.parse(body) if route.parse is not None else body
                 if caller is not None:
-                    limit_headers = self.guard.charge(caller, self.work_units(path, body))
-                result = route.handler(body)
+                    limit_headers = self.guard.charge(caller, self._units(route, parsed))
+                result = route.handler(parsed)
             if not isinstance(result, flask.Response):
                 _note_results(request, result)
                 result = _json_response(result, 200)
