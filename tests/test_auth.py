@@ -74,14 +74,14 @@ def test_api_keys_setting_is_secret_and_checked() -> None:
 def test_guard_refuses_missing_and_wrong_keys() -> None:
     guard = Guard(api_keys=ApiKeys([OLD_KEY]))
     with pytest.raises(Unauthorized, match="missing") as missing:
-        guard.check(request())
+        guard.admit(request())
     assert missing.value.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key"'
     with pytest.raises(Unauthorized, match="not a current key"):
-        guard.check(request({"X-API-Key": WRONG_KEY}))
+        guard.admit(request({"X-API-Key": WRONG_KEY}))
     # An ID token in Authorization is not an API key.
     with pytest.raises(Unauthorized):
-        guard.check(request({"Authorization": f"Bearer {OLD_KEY}"}))
-    assert guard.check(request({"X-API-Key": OLD_KEY})) == {}
+        guard.admit(request({"Authorization": f"Bearer {OLD_KEY}"}))
+    assert guard.admit(request({"X-API-Key": OLD_KEY})).headers == {}
 
 
 # --- identity -------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_random_junk_at_the_counted_hop_is_one_budget_not_many() -> None:
     statuses = []
     for i in range(4):
         try:
-            guard.check(request({"X-Forwarded-For": f"junk-{i}, 203.0.113.5"}))
+            guard.admit(request({"X-Forwarded-For": f"junk-{i}, 203.0.113.5"}))
             statuses.append(200)
         except RateLimited:
             statuses.append(429)
@@ -129,16 +129,16 @@ def test_ipv6_clients_are_grouped_at_the_configured_prefix() -> None:
     guard = Guard(limiter=RateLimiter(Rate(3, 60), function="t"))
     in_one_56 = [f"2001:db8:1:{n:x}::1" for n in (0, 0x12, 0xFF)]  # three /64s of one /56
     for address in in_one_56:
-        guard.check(request({"X-Forwarded-For": address}))
+        guard.admit(request({"X-Forwarded-For": address}))
     with pytest.raises(RateLimited):
-        guard.check(request({"X-Forwarded-For": "2001:db8:1:ab::9"}))
+        guard.admit(request({"X-Forwarded-For": "2001:db8:1:ab::9"}))
     # Another /56 of the same /48 is another site: its own budget at the default prefix...
-    assert guard.check(request({"X-Forwarded-For": "2001:db8:1:100::1"}))
+    assert guard.admit(request({"X-Forwarded-For": "2001:db8:1:100::1"})).headers
     # ...and the same one at /48.
     wide = Guard(limiter=RateLimiter(Rate(1, 60), function="t"), ipv6_prefix=48)
-    wide.check(request({"X-Forwarded-For": "2001:db8:1:100::1"}))
+    wide.admit(request({"X-Forwarded-For": "2001:db8:1:100::1"}))
     with pytest.raises(RateLimited):
-        wide.check(request({"X-Forwarded-For": "2001:db8:1:ff00::1"}))
+        wide.admit(request({"X-Forwarded-For": "2001:db8:1:ff00::1"}))
     assert (
         client_address(request({"X-Forwarded-For": "2001:db8:1:ff00::1"}), 1, 48)
         == "2001:db8:1::/48"
@@ -158,11 +158,11 @@ def test_iam_caller_is_read_only_when_iam_is_required() -> None:
     token = id_token({"email": "backend@proj.iam.gserviceaccount.com", "sub": "1234"})
     req = request({"Authorization": f"Bearer {token}", "X-Forwarded-For": "203.0.113.5"})
     assert iam_caller(req) == "1234"
-    assert Guard(iam_required=True).identity(req) == "iam:1234"
+    assert Guard(iam_required=True).caller(req).limit == "iam:1234"
     # Without IAM in front, anyone can write that header: the address counts instead.
-    assert Guard(iam_required=False).identity(req) == "addr:203.0.113.5"
+    assert Guard(iam_required=False).caller(req).limit == "addr:203.0.113.5"
     # An API key, when the mode is on, wins over both.
-    assert Guard(iam_required=True).identity(req, key="abc") == "key:abc"
+    assert Guard(iam_required=True).caller(req, key="abc").limit == "key:abc"
 
 
 def test_one_iam_principal_is_one_budget_with_or_without_email() -> None:
@@ -173,17 +173,17 @@ def test_one_iam_principal_is_one_budget_with_or_without_email() -> None:
     without = id_token({"sub": sub})
     guard = Guard(iam_required=True, limiter=RateLimiter(Rate(2, 60), function="t"))
     for token in (with_email, without):
-        guard.check(request({"Authorization": f"Bearer {token}"}))
+        guard.admit(request({"Authorization": f"Bearer {token}"}))
     with pytest.raises(RateLimited):
-        guard.check(request({"Authorization": f"Bearer {with_email}"}))
+        guard.admit(request({"Authorization": f"Bearer {with_email}"}))
     callers = {
-        guard.caller(request({"Authorization": f"Bearer {t}"})) for t in (with_email, without)
+        guard.caller(request({"Authorization": f"Bearer {t}"})).limit for t in (with_email, without)
     }
-    assert callers == {guard.caller(request({"Authorization": f"Bearer {without}"}))}
+    assert callers == {guard.caller(request({"Authorization": f"Bearer {without}"})).limit}
     # A token without `sub` names nobody: the address counts.
     no_sub = id_token({"email": "backend@proj.iam.gserviceaccount.com"})
     req = request({"Authorization": f"Bearer {no_sub}", "X-Forwarded-For": "203.0.113.5"})
-    assert guard.identity(req) == "addr:203.0.113.5"
+    assert guard.caller(req).limit == "addr:203.0.113.5"
 
 
 def test_iam_caller_prefers_the_header_cloud_run_checked() -> None:
@@ -201,7 +201,7 @@ def test_iam_caller_prefers_the_header_cloud_run_checked() -> None:
 def test_a_malformed_token_falls_back_to_the_address(header: str) -> None:
     req = request({"Authorization": header, "X-Forwarded-For": "203.0.113.5"})
     assert iam_caller(req) is None
-    assert Guard(iam_required=True).identity(req) == "addr:203.0.113.5"
+    assert Guard(iam_required=True).caller(req).limit == "addr:203.0.113.5"
 
 
 def test_wrong_keys_are_rate_limited_per_address_without_touching_a_keys_budget() -> None:
@@ -211,15 +211,18 @@ def test_wrong_keys_are_rate_limited_per_address_without_touching_a_keys_budget(
     for n in range(4):
         headers = {**guesser, "X-API-Key": f"guess-{n:020d}"} if n % 2 else guesser
         try:
-            guard.check(request(headers))
+            guard.admit(request(headers))
         except (Unauthorized, RateLimited) as exc:
             outcomes.append((status(exc), exc.headers.get("RateLimit-Remaining")))
     # Missing and wrong keys alike: 401 while the address has budget, then 429.
     assert outcomes == [(401, "1"), (401, "0"), (429, "0"), (429, "0")]
     # The key's own budget, from the same address, is untouched; another address is too.
-    assert guard.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "1"
+    assert (
+        guard.admit(request({**guesser, "X-API-Key": OLD_KEY})).headers["RateLimit-Remaining"]
+        == "1"
+    )
     with pytest.raises(Unauthorized):
-        guard.check(request({"X-Forwarded-For": "198.51.100.67", "X-API-Key": WRONG_KEY}))
+        guard.admit(request({"X-Forwarded-For": "198.51.100.67", "X-API-Key": WRONG_KEY}))
 
 
 def test_key_guesses_share_one_budget_across_instances_in_redis(redis_server: RedisServer) -> None:
@@ -233,13 +236,13 @@ def test_key_guesses_share_one_budget_across_instances_in_redis(redis_server: Re
     outcomes = []
     for guard in (a, b, a, b):
         try:
-            guard.check(request(guesser))
+            guard.admit(request(guesser))
         except (Unauthorized, RateLimited) as exc:
             outcomes.append(status(exc))
     assert outcomes == [401, 401, 401, 429]
     assert b.limiter is not None
     assert b.limiter.describe()["fallback"] == 0  # decided in Redis, not per instance
-    assert a.check(request({**guesser, "X-API-Key": OLD_KEY}))["RateLimit-Remaining"] == "2"
+    assert a.admit(request({**guesser, "X-API-Key": OLD_KEY})).headers["RateLimit-Remaining"] == "2"
 
 
 _HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=80)
@@ -316,10 +319,10 @@ def test_the_caller_names_the_cache_scope_never_the_raw_key() -> None:
 def test_limited_by_key_not_by_address() -> None:
     guard = Guard(api_keys=ApiKeys([OLD_KEY]), limiter=RateLimiter(Rate(2, 60), function="t"))
     headers = [{"X-API-Key": OLD_KEY, "X-Forwarded-For": f"203.0.113.{i}"} for i in range(3)]
-    assert guard.check(request(headers[0]))["RateLimit-Remaining"] == "1"
-    assert guard.check(request(headers[1]))["RateLimit-Remaining"] == "0"
+    assert guard.admit(request(headers[0])).headers["RateLimit-Remaining"] == "1"
+    assert guard.admit(request(headers[1])).headers["RateLimit-Remaining"] == "0"
     with pytest.raises(RateLimited) as refused:
-        guard.check(request(headers[2]))
+        guard.admit(request(headers[2]))
     assert refused.value.headers["Retry-After"] == "30"
 
 

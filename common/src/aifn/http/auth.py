@@ -226,10 +226,6 @@ class Guard:
         ip = client_ip(request, self._hops)
         return Caller(f"addr:{_group(ip, self._ipv6_prefix)}", f"addr:{_group(ip, 64)}")
 
-    def identity(self, request: flask.Request, key: str | None = None) -> str:
-        """Who the rate limit counts this request against (see the module docstring)."""
-        return self.caller(request, key).limit
-
     def admit(self, request: flask.Request) -> Caller:
         """Check the key and take the request's first unit of work, before its body is read.
 
@@ -284,10 +280,6 @@ class Guard:
                 headers=decision.headers(),
             )
         return decision.headers()
-
-    def check(self, request: flask.Request) -> dict[str, str]:
-        """:meth:`admit`, returning just the headers (a request of one unit)."""
-        return dict(self.admit(request).headers)
 
     def _refuse_key(self, request: flask.Request, presented: str | None) -> NoReturn:
         headers = {"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'}
