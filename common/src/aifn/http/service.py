@@ -261,7 +261,12 @@ class Service:
     def __call__(self, request: flask.Request) -> flask.Response:
         """The functions-framework entry point's whole body: route, run, render, log."""
         started = time.perf_counter()
-        token = logs.set_trace(_trace_context(request))
+        # parse_trace is total: whatever a client writes in a trace header, the request is served.
+        token = logs.set_trace(
+            logs.parse_trace(
+                request.headers.get("traceparent"), request.headers.get("X-Cloud-Trace-Context")
+            )
+        )
         error: errors.Error | None = None
         path = request.path.rstrip("/") or "/"
         try:
@@ -397,21 +402,6 @@ def _note_results(request: flask.Request, payload: dict[str, Any]) -> None:
         request.environ[_CACHED_ENVIRON] = sum(
             1 for r in results if isinstance(r, dict) and r.get("cached") is True
         )
-
-
-def _trace_context(request: flask.Request) -> logs.TraceContext | None:
-    """The request's trace context for its log lines; a header that breaks it is ignored.
-
-    Runs before routing, on every path: whatever a client writes in a trace header, the request
-    is served (``parse_trace`` is total; this guards the guard).
-    """
-    try:
-        return logs.parse_trace(
-            request.headers.get("traceparent"), request.headers.get("X-Cloud-Trace-Context")
-        )
-    except Exception:  # pragma: no cover - parse_trace is total; a bug must not cost a request
-        log.warning("trace headers ignored", exc_info=True)
-        return None
 
 
 def _json_response(payload: dict[str, Any], status: int) -> flask.Response:
