@@ -310,9 +310,7 @@ class BoundedLines:
         scan = self._pos
         while True:
             found = _LINE_END.search(self._buf, scan)
-            # A \r at the very end of the buffer may be the first half of \r\n: read on to see.
-            if found is not None and (found.end() < len(self._buf) or found.group() != b"\r"
-                                      or self._eof):  # fmt: skip
+            if found is not None and self._complete(found):
                 start, self._pos = self._pos, found.end()
                 self.line += 1
                 if found.start() - start > self._limit:
@@ -331,6 +329,11 @@ class BoundedLines:
                 return bytes(self._buf[start:])
             scan -= self._fill()
 
+    def _complete(self, end: re.Match[bytes]) -> bool:
+        """Whether a line break found in the buffer is whole: a ``\\r`` at the very end of
+        the buffer may be the first half of ``\\r\\n``, so the reader reads on to see."""
+        return end.end() < len(self._buf) or end.group() != b"\r" or self._eof
+
     def _fill(self) -> int:
         """Drop what was consumed, read one more block; returns how far offsets moved."""
         moved = self._pos
@@ -347,8 +350,7 @@ class BoundedLines:
         """Read through the end of the current (too long) line, keeping nothing of it."""
         while True:
             found = _LINE_END.search(self._buf, self._pos)
-            if found is not None and (found.end() < len(self._buf) or found.group() != b"\r"
-                                      or self._eof):  # fmt: skip
+            if found is not None and self._complete(found):
                 self._pos = found.end()
                 return
             # Keep only a trailing \r (it may pair with the next block's \n).
