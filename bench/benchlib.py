@@ -52,13 +52,13 @@ def start_function(function: str, port: int, env: dict[str, str]) -> subprocess.
     )
 
 
-def function_command(function: str, port: int) -> list[str]:
+def function_command(function: str, port: int, target: str | None = None) -> list[str]:
     """The command line serving ``function`` on loopback ``port``: functions-framework's gunicorn,
     as ``make serve`` and the containers run it (``MODEL_DIR`` and the rest come from the
-    environment)."""
+    environment). ``target``: another entry point of its ``main.py`` (e.g. ``sentiment_batch``)."""
     return [
         str(BIN / "functions-framework"),
-        f"--target={function}",
+        f"--target={target or function}",
         f"--source={REPO / 'functions' / function / 'main.py'}",
         f"--port={port}",
         "--host=127.0.0.1",

@@ -15,7 +15,6 @@ import base64
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -28,9 +27,8 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import pytest
-from benchlib import function_command
 
-from .helpers import REPO, free_port, wait_for_port
+from .helpers import REPO, Server, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -59,53 +57,22 @@ def aifn_client() -> ModuleType:
     return module
 
 
-class Function:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
-        self.proc = proc
-        self.url = url
-
-
-def _start(model_dir: Path, log_path: Path, **env: str) -> Function:
-    port = free_port()
-    environ = {
-        **os.environ,
-        "MODEL_DIR": str(model_dir),
-        "GOOGLE_CLOUD_PROJECT": "test-project",
-        "HF_HUB_OFFLINE": "1",
-        "WORKERS": "1",
-        "THREADS": "16",
-        **env,
-    }
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            function_command("sentiment", port), stdout=log, stderr=subprocess.STDOUT, env=environ
-        )
-    try:
-        wait_for_port(port, proc, timeout=120)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return Function(proc, f"http://127.0.0.1:{port}")
-
-
 @pytest.fixture(scope="module")
 def functions(
     sentiment_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Function]]:
+) -> Iterator[dict[str, Server]]:
     """Three real functions, started together (each loads the model once)."""
-    tmp = tmp_path_factory.mktemp("client")
-    started: dict[str, Function] = {}
+
+    def start(name: str, **env: str) -> Server:
+        tmp = tmp_path_factory.mktemp(f"client-{name}")
+        return start_server(sentiment_model_dir, tmp, THREADS="16", **env)
+
+    started: dict[str, Server] = {}
     try:
-        started["small_batches"] = _start(
-            sentiment_model_dir, tmp / "small.log", MAX_BATCH_TEXTS="3", API_KEYS=API_KEY
-        )
-        started["rate_limited"] = _start(
-            sentiment_model_dir, tmp / "rate.log", RATE_LIMIT="1/2s", IAM_REQUIRED="true"
-        )
-        started["tiny_queue"] = _start(
-            sentiment_model_dir,
-            tmp / "queue.log",
+        started["small_batches"] = start("small", MAX_BATCH_TEXTS="3", API_KEYS=API_KEY)
+        started["rate_limited"] = start("rate", RATE_LIMIT="1/2s", IAM_REQUIRED="true")
+        started["tiny_queue"] = start(
+            "queue",
             MAX_QUEUED_TEXTS="1",
             MODEL_WORKERS="1",
             INFERENCE_BATCH_SIZE="1",
@@ -146,7 +113,7 @@ class Sleeps:
 
 
 def test_batches_are_split_to_the_servers_limit_and_answered_in_order(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["small_batches"].url
     client = aifn_client.Client(url, token_provider=None, api_key=API_KEY)
@@ -165,7 +132,7 @@ def test_batches_are_split_to_the_servers_limit_and_answered_in_order(
 
 
 def test_an_invalid_request_raises_the_functions_error_at_once(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     client = aifn_client.Client(
         functions["small_batches"].url, token_provider=None, api_key=API_KEY
@@ -182,7 +149,7 @@ def test_an_invalid_request_raises_the_functions_error_at_once(
 
 
 def test_the_api_key_goes_in_its_header(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["small_batches"].url
     for key in (None, "not-the-key-but-long-enough"):
@@ -199,7 +166,7 @@ def test_the_api_key_goes_in_its_header(
 
 
 def test_a_rate_limited_call_waits_for_retry_after_and_succeeds(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["rate_limited"].url
     sleeps = Sleeps()
@@ -216,7 +183,7 @@ def test_a_rate_limited_call_waits_for_retry_after_and_succeeds(
 
 
 def test_retries_are_bounded_and_end_in_the_servers_429(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["rate_limited"].url
     token = _jwt({"sub": "1002", "email": "bounded@example.com", "aud": url})
@@ -235,7 +202,7 @@ def test_retries_are_bounded_and_end_in_the_servers_429(
 
 
 def test_the_token_providers_token_reaches_the_function_per_caller(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["rate_limited"].url
     audiences: list[str] = []
@@ -289,7 +256,7 @@ class _TokenEndpoint(BaseHTTPRequestHandler):
 
 
 def test_the_default_provider_gets_an_id_token_for_the_url_through_google_auth(
-    aifn_client: ModuleType, functions: dict[str, Function], tmp_path: Path
+    aifn_client: ModuleType, functions: dict[str, Server], tmp_path: Path
 ) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -354,7 +321,7 @@ def test_without_credentials_the_default_provider_says_so_before_sending(
 
 
 def test_overloaded_answers_are_retried_until_every_text_is_answered(
-    aifn_client: ModuleType, functions: dict[str, Function]
+    aifn_client: ModuleType, functions: dict[str, Server]
 ) -> None:
     url = functions["tiny_queue"].url
     long_text = "The service was fine but the delivery took far too long this time. " * 12

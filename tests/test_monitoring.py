@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import REPO, VENV_BIN, free_port, wait_for_port
+from .helpers import REPO, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -103,35 +102,6 @@ def _entries(log_path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _start(target: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "functions-framework"),
-                f"--target={target}",
-                f"--source={REPO / 'functions' / 'sentiment' / 'main.py'}",
-                f"--port={port}",
-                "--host=127.0.0.1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "GOOGLE_CLOUD_PROJECT": "test-project",
-                "HF_HUB_OFFLINE": "1",
-                **env,
-            },
-        )
-    try:
-        wait_for_port(port, proc, timeout=120)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def _call(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
     for key, value in (headers or {}).items():
@@ -152,10 +122,10 @@ def http_lines(
     The second 200 sends the first one's text again beside a new one: 2 texts, 1 from the cache.
     Its 2 units of rate limit, with 1 for each other request, spend the budget of 4 by the 429.
     """
-    log_path = tmp_path_factory.mktemp("http") / "server.log"
-    proc, url = _start(
-        "sentiment", log_path, {"MODEL_DIR": str(sentiment_model_dir), "RATE_LIMIT": "4/minute"}
+    server = start_server(
+        sentiment_model_dir, tmp_path_factory.mktemp("http"), RATE_LIMIT="4/minute"
     )
+    url = server.url
     try:
         post = {"Content-Type": "application/json"}
         statuses = [
@@ -172,9 +142,9 @@ def http_lines(
         with urllib.request.urlopen(f"{url}/v1/health", timeout=30) as response:
             health = response.read()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return _entries(log_path), health
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+    return _entries(server.log_path), health
 
 
 @pytest.fixture(scope="module")
@@ -190,17 +160,15 @@ def batch_lines(
     bucket_name = "aifn-monitoring-test"
     bucket = client.lookup_bucket(bucket_name) or client.create_bucket(bucket_name)
     folder = uuid.uuid4().hex[:8]
-    log_path = tmp_path_factory.mktemp("batch") / "batch.log"
-    proc, url = _start(
-        "sentiment_batch",
-        log_path,
-        {
-            "MODEL_DIR": str(sentiment_model_dir),
-            "STORAGE_EMULATOR_HOST": storage_emulator,
-            "BATCH_INPUT_PREFIX": f"{folder}/in/",
-            "BATCH_OUTPUT_PREFIX": f"{folder}/out/",
-        },
+    server = start_server(
+        sentiment_model_dir,
+        tmp_path_factory.mktemp("batch"),
+        target="sentiment_batch",
+        STORAGE_EMULATOR_HOST=storage_emulator,
+        BATCH_INPUT_PREFIX=f"{folder}/in/",
+        BATCH_OUTPUT_PREFIX=f"{folder}/out/",
     )
+    proc, url, log_path = server.proc, server.url, server.log_path
     lines = "\n".join(
         [
             json.dumps({"text": "Great value, works perfectly."}),

@@ -44,8 +44,16 @@ class Server:
         return lines
 
 
-def start_server(model_dir: Path, tmp: Path, *, function: str = "sentiment", **env: str) -> Server:
-    """``functions-framework --target <function>`` serving ``model_dir``, once it listens."""
+def start_server(
+    model_dir: Path,
+    tmp: Path,
+    *,
+    function: str = "sentiment",
+    target: str | None = None,
+    **env: str,
+) -> Server:
+    """``functions-framework --target <function>`` (or another ``target`` of its ``main.py``)
+    serving ``model_dir``, once it listens; its log in ``tmp/server.log``."""
     port = free_port()
     log_path = tmp / "server.log"
     environ = {
@@ -59,7 +67,7 @@ def start_server(model_dir: Path, tmp: Path, *, function: str = "sentiment", **e
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            function_command(function, port),
+            function_command(function, port, target),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=environ,
