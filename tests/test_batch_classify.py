@@ -147,11 +147,13 @@ def test_header_labels_line_overrides_and_bad_options(app: tuple[Any, Any], buck
 
     # The same answers as the HTTP endpoint for the same text and options.
     http = main.classify_texts(
-        {
-            "texts": [lines[1]["text"], lines[2]["text"]],
-            "labels": TICKETS,
-            "descriptions": DESCRIPTIONS,
-        }
+        main.parse_request(
+            {
+                "texts": [lines[1]["text"], lines[2]["text"]],
+                "labels": TICKETS,
+                "descriptions": DESCRIPTIONS,
+            }
+        )
     )["results"]
     for got, want in zip((predictions["a"], predictions["b"]), http, strict=True):
         want = {k: v for k, v in want.items() if k != "cached"}
