@@ -233,6 +233,46 @@ def test_concurrent_identical_misses_compute_once() -> None:
     assert c.stats.coalesced == 1
 
 
+def test_a_request_waiting_on_a_computation_that_fails_computes_its_texts_itself() -> None:
+    c = memory_cache()
+    started, release = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def first_fails(texts: list[str]) -> list[Scores]:
+        calls.append(list(texts))
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+            raise RuntimeError("queue full")  # e.g. the owner's request was refused
+        return [Scores((0.2, 0.3, 0.5), False) for _ in texts]
+
+    outcome: list[Any] = []
+
+    def owner() -> None:
+        try:
+            c.get_or_compute(["a", "b"], params=None, width=3, compute=first_fails)
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    first = threading.Thread(target=owner)
+    first.start()
+    started.wait(10)
+    waiter = threading.Thread(
+        target=lambda: outcome.append(
+            c.get_or_compute(["b", "c"], params=None, width=3, compute=first_fails)
+        )
+    )
+    waiter.start()
+    time.sleep(0.2)  # the waiter computes "c" and waits on the owner for "b"
+    release.set()
+    first.join(10)
+    waiter.join(10)
+    assert isinstance(outcome[0], RuntimeError)
+    assert [s for s, _ in outcome[1]] == [Scores((0.2, 0.3, 0.5), False)] * 2
+    assert calls == [["a", "b"], ["c"], ["b"]]
+    assert c.stats.coalesced == 0
+
+
 def test_a_failed_computation_is_not_cached_and_is_retried() -> None:
     c = memory_cache()
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -105,3 +109,103 @@ def test_the_largest_span_id_is_kept() -> None:
     assert logs.parse_trace(None, f"{TRACE}/{2**64 - 1}") == logs.TraceContext(
         TRACE, "ffffffffffffffff", False
     )
+
+
+# -- the writer ---------------------------------------------------------------------------------
+
+
+class _Stream:
+    """A stdout stand-in that can be stalled, as a pipe nobody reads is."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.flowing = threading.Event()
+        self.flowing.set()
+
+    def write(self, text: str) -> None:
+        self.flowing.wait()
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[str]:
+        return "".join(self.parts).splitlines()
+
+
+def _handler(stream: _Stream, **kwargs) -> logging.Logger:
+    handler = logs.LineWriterHandler(stream, **kwargs)
+    handler.setFormatter(logs.CloudRunFormatter())
+    logger = logging.Logger(f"t{id(stream)}")
+    logger.addHandler(handler)
+    return logger
+
+
+def test_lines_from_many_threads_arrive_whole_and_each_threads_in_order() -> None:
+    stream = _Stream()
+    logger = _handler(stream)
+
+    def work(n: int) -> None:
+        for i in range(2000):
+            logger.warning("line", extra={"fields": {"thread": n, "i": i}})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logger.handlers[0].flush()  # returns once everything logged before it is written
+    entries = [json.loads(line) for line in stream.lines()]
+    assert len(entries) == 8 * 2000
+    for n in range(8):
+        assert [e["i"] for e in entries if e["thread"] == n] == list(range(2000))
+
+
+def test_a_stalled_stdout_neither_blocks_a_few_lines_nor_grows_memory_without_bound() -> None:
+    stream = _Stream()
+    logger = _handler(stream, max_queued=100)
+    logger.warning("first")  # starts the writer
+    logger.handlers[0].flush()
+    stream.flowing.clear()  # nobody reads stdout any more
+    started = time.monotonic()
+    for i in range(50):
+        logger.warning("queued %d", i)
+    assert time.monotonic() - started < 1.0  # logging does no I/O itself
+    flooding = threading.Thread(target=lambda: [logger.warning("flood") for _ in range(500)])
+    flooding.start()
+    flooding.join(timeout=1.0)
+    assert flooding.is_alive()  # past max_queued lines, a logging thread waits for the writer
+    handler = logger.handlers[0]
+    assert isinstance(handler, logs.LineWriterHandler)
+    assert handler._queue.qsize() <= 100 + 2 * logs.LineWriterHandler._BATCH
+    stream.flowing.set()
+    flooding.join(timeout=30)
+    handler.flush()
+    assert len(stream.lines()) == 1 + 50 + 500
+
+
+def test_no_line_is_lost_or_written_twice_across_a_fork_and_an_exit(tmp_path) -> None:
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import logging, os, sys\n"
+        "from aifn import logs\n"
+        "logs.configure('INFO', None)\n"
+        "log = logging.getLogger('t')\n"
+        "for i in range(5000):\n"
+        "    log.info('before %d', i)\n"
+        "pid = os.fork()\n"  # gunicorn forks its worker after the function logged its start
+        "if pid == 0:\n"
+        "    log.info('child')\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "for i in range(5000):\n"
+        "    log.info('after %d', i)\n",
+        encoding="utf-8",
+    )
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    messages = [json.loads(line)["message"] for line in run.stdout.splitlines()]
+    assert messages.count("child") == 1
+    assert [m for m in messages if m.startswith("before")] == [f"before {i}" for i in range(5000)]
+    assert [m for m in messages if m.startswith("after")] == [f"after {i}" for i in range(5000)]

@@ -9,11 +9,15 @@ line logged while serving a request carries it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import os
+import queue
 import re
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,18 +115,128 @@ def _severity(levelno: int) -> str:
     return "DEBUG"
 
 
+class LineWriterHandler(logging.Handler):
+    """Formats a record in the thread that logs it; one thread of its own writes the lines.
+
+    Why not :class:`logging.StreamHandler`: it holds its lock across the write, and a thread
+    back from the write system call must take the GIL again before it can let go of that lock.
+    Under load (hundreds of request threads) every log line then waits behind that hand-off, up
+    to the interpreter's switch interval (5 ms) each: the request log alone capped an instance
+    at a few hundred lines a second and made overload refusals slow. Here a request thread only
+    formats its line (the trace context is its own) and queues it; the writer writes whatever
+    has queued in one call, in the order it was logged (the stdlib's ``QueueHandler`` pattern).
+
+    Nothing queued is lost on a normal exit or a fork: :meth:`flush` returns once every line
+    logged before it is written, and ``logging.shutdown`` (at exit) and a fork call it. If the
+    writer falls behind (a stalled stdout), a thread logging past ``max_queued`` lines waits for
+    it, as a ``StreamHandler`` would: memory stays bounded.
+    """
+
+    _BATCH = 256  # most lines one write joins
+
+    def __init__(self, stream: Any, *, max_queued: int = 10_000) -> None:
+        super().__init__()
+        self.stream = stream
+        self.max_queued = max_queued
+        self._reset()
+        os.register_at_fork(before=self.flush, after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # Threads do not survive a fork: the child starts its own writer on its first line.
+        self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: nothing is shared before the queue, which is thread-safe.
+        rv = self.filter(record)
+        if rv:
+            self.emit(record)
+        return bool(rv)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self._queue.put(line)
+        if self._writer is None:
+            self._start()
+        elif self._queue.qsize() > self.max_queued:
+            self.flush()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._writer is None:
+                writer = threading.Thread(target=self._run, name="aifn-log-writer", daemon=True)
+                writer.start()
+                self._writer = writer
+
+    def _run(self) -> None:
+        while True:
+            self._write_batch(self._queue.get())
+
+    def _write_batch(self, first: str | threading.Event) -> None:
+        lines: list[str] = []
+        item: str | threading.Event | None = first
+        while item is not None:
+            if isinstance(item, threading.Event):  # a flush() waiting for what came before it
+                self._write(lines)
+                lines = []
+                item.set()
+            else:
+                lines.append(item)
+            if len(lines) >= self._BATCH:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+        self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except Exception as exc:  # a closed or broken stdout: say so where it may still be seen
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"aifn: {len(lines)} log lines lost, stdout failed: {exc!r}\n")
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Write every line logged before this call, then return."""
+        writer = self._writer
+        if writer is None or not writer.is_alive() or writer is threading.current_thread():
+            while True:  # no writer in this process: write what is queued here
+                try:
+                    self._write_batch(self._queue.get_nowait())
+                except queue.Empty:
+                    return
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+
 def configure(level: str, project: str | None) -> None:
     """Send this process's logs to stdout as JSON lines (idempotent)."""
     global _project
     _project = project
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_aifn", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(CloudRunFormatter())
-    handler._aifn = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    ours = [h for h in root.handlers if isinstance(h, LineWriterHandler)]
+    if ours:  # one writer per process, pointed at today's stdout (tests swap it)
+        if ours[0].stream is not sys.stdout:
+            ours[0].flush()
+            ours[0].stream = sys.stdout
+    else:
+        handler = LineWriterHandler(sys.stdout)
+        handler.setFormatter(CloudRunFormatter())
+        root.addHandler(handler)
     root.setLevel(level)
     # Third-party chatter at INFO (e.g. HTTP clients) is not the service's story.
     for noisy in ("urllib3", "google", "filelock", "transformers"):

@@ -33,7 +33,6 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -252,37 +251,61 @@ class CircuitBreaker:
             return
 
 
+class _Flight:
+    """One request's computation of the keys it claimed; the scores it got, once it is over.
+
+    One per request, not one per key: a request refused by a full queue (the common case under
+    overload) then costs one lock, where a ``Future`` per text cost a ``Condition`` each.
+    """
+
+    __slots__ = ("_gate", "results")
+
+    def __init__(self) -> None:
+        self._gate = threading.Lock()
+        self._gate.acquire()  # held until the computation is over, whatever its outcome
+        self.results: dict[str, Scores] = {}
+
+    def finish(self, results: dict[str, Scores]) -> None:
+        self.results = results
+        self._gate.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the computation is over (within ``timeout`` seconds)."""
+        if not self._gate.acquire(timeout=timeout):
+            return False
+        self._gate.release()  # open for every other waiter too
+        return True
+
+
 class _Flights:
     """In-flight computations by key, so concurrent identical misses compute once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[str, Future[Scores]] = {}
+        self._running: dict[str, _Flight] = {}
 
-    def claim(self, keys: Sequence[str]) -> tuple[list[str], dict[str, Future[Scores]]]:
-        """(keys this caller must compute, futures of keys another caller is computing)."""
+    def claim(self, keys: Sequence[str]) -> tuple[list[str], _Flight, dict[str, _Flight]]:
+        """(keys this caller must compute, its flight, flights of keys others are computing)."""
         mine: list[str] = []
-        theirs: dict[str, Future[Scores]] = {}
+        theirs: dict[str, _Flight] = {}
+        flight = _Flight()
         with self._lock:
             for key in keys:
                 running = self._running.get(key)
                 if running is None:
-                    self._running[key] = Future()
+                    self._running[key] = flight
                     mine.append(key)
                 else:
                     theirs[key] = running
-        return mine, theirs
+        return mine, flight, theirs
 
-    def settle(
-        self, keys: Sequence[str], results: dict[str, Scores], error: BaseException | None
-    ) -> None:
+    def settle(self, keys: Sequence[str], flight: _Flight, results: dict[str, Scores]) -> None:
+        """End ``flight``: its keys leave the table and its waiters read ``results`` (a key
+        missing from them, after an error, is computed by each waiter itself)."""
         with self._lock:
-            futures = [self._running.pop(key) for key in keys]
-        for key, future in zip(keys, futures, strict=True):
-            if key in results:
-                future.set_result(results[key])
-            else:
-                future.set_exception(error or RuntimeError("not computed"))
+            for key in keys:
+                del self._running[key]
+        flight.finish(results)
 
 
 @dataclass
@@ -406,24 +429,22 @@ class PredictionCache:
         missing = [k for k in unique if k not in found]
 
         computed: dict[str, Scores] = {}
-        mine, theirs = self._flights.claim(missing)
+        mine, flight, theirs = self._flights.claim(missing)
         if mine:
-            error: BaseException | None = None
             try:
                 fresh = compute([first_text[k] for k in mine])
                 computed.update(zip(mine, fresh, strict=True))
-            except BaseException as exc:
-                error = exc
-                raise
             finally:
-                self._flights.settle(mine, computed, error)
+                self._flights.settle(mine, flight, dict(computed))
             self._write({k: encode(computed[k]) for k in mine})
         coalesced = 0
-        for key, future in theirs.items():
-            try:
-                computed[key] = future.result(timeout=self._wait_timeout)
+        deadline = time.monotonic() + self._wait_timeout
+        for key, other in theirs.items():
+            done = other.wait(max(0.0, deadline - time.monotonic()))
+            if done and key in other.results:
+                computed[key] = other.results[key]
                 coalesced += 1
-            except Exception:  # the other request failed or stalled: compute it ourselves
+            else:  # the other request failed or stalled: compute it ourselves
                 computed[key] = compute([first_text[key]])[0]
 
         hits = sum(k in found for k in keys)
