@@ -106,7 +106,7 @@ def test_logs_are_structured_with_trace_and_without_text(server: Server) -> None
     assert ok["logging.googleapis.com/spanId"] == "b7ad6b7169203331"
     assert bad["httpRequest"]["status"] == 422
     assert bad["error_type"] == "invalid_request"
-    assert PRIVATE_TEXT not in server.log_path.read_text(encoding="utf-8")
+    assert PRIVATE_TEXT not in server.log_text()
 
 
 def test_sigterm_finishes_in_flight_work_and_exits(

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 from benchlib import function_command
 
 from .processes import free_port, wait_for_port
+
+# The user agent of the requests that mark how far the log is written (left out of log_lines).
+_SYNC = "aifn-tests-log-sync/"
 
 
 class Server:
@@ -36,12 +41,37 @@ class Server:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read()), dict(err.headers)
 
+    def log_text(self) -> str:
+        """Everything the server logged up to this call (stdout and stderr)."""
+        self._sync_log()
+        return self.log_path.read_text(encoding="utf-8")
+
     def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON lines the server logged up to this call."""
         lines = []
-        for raw in self.log_path.read_text(encoding="utf-8").splitlines():
+        for raw in self.log_text().splitlines():
             if raw.startswith("{"):
-                lines.append(json.loads(raw))
+                line = json.loads(raw)
+                if not line.get("httpRequest", {}).get("userAgent", "").startswith(_SYNC):
+                    lines.append(line)
         return lines
+
+    def _sync_log(self, timeout: float = 30.0) -> None:
+        """Wait until every line logged before now is in the file.
+
+        A thread of the server's own writes its log, in order (``aifn.logs``), so a line may
+        reach the file a moment after its response: once a marker request's line is there,
+        every line logged before it is too. A server that has exited has written everything.
+        """
+        if self.proc.poll() is not None:
+            return
+        marker = f"{_SYNC}{uuid.uuid4().hex}"
+        self.request("GET", "/v1/health", headers={"User-Agent": marker})
+        deadline = time.monotonic() + timeout
+        while marker not in self.log_path.read_text(encoding="utf-8"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not log its answer within {timeout} s")
+            time.sleep(0.01)
 
 
 def start_server(
