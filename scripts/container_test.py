@@ -62,6 +62,9 @@ RUN_DIR = REPO / ".cache" / "container"
 FUNCTIONS = ("sentiment", "classify")
 TAG = "local"
 MAX_IMAGE_BYTES = 500_000_000
+# Build cache kept between runs: the most recently used layers (a run's own: both images, the
+# base and the wheelhouse) stay warm, older ones go.
+BUILD_CACHE_KEEP = "6GB"
 MEMORY_LIMIT = "2g"
 # Cloud Run sends SIGKILL this long after SIGTERM.
 STOP_GRACE_SECONDS = 10
@@ -233,8 +236,13 @@ class Engine:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            # Images no tag points to any more (earlier builds): the build cache stays.
+            # Images no tag points to any more (earlier builds), and the build cache beyond
+            # BUILD_CACHE_KEEP (the most recent layers stay, so the next run is still warm):
+            # unpruned, it had reached 19 GB over this project's runs and filled the disk.
             self.docker("image", "prune", "--force", check=False)
+            self.docker(
+                "builder", "prune", "--force", f"--keep-storage={BUILD_CACHE_KEEP}", check=False
+            )
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
